@@ -1,0 +1,45 @@
+"""LayerNorm and RMSNorm with TransformerLens' hooks: ``hook_scale [b, p, 1]`` and ``hook_normalized``.
+
+``LN``: ``(x - mean) / sqrt(var + eps) * w + b``. ``RMS``: ``x / sqrt(mean(x^2) + eps) * w``.
+``LNPre`` / ``RMSPre`` are the same without ``w`` / ``b`` (a model whose norms are folded).
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from kvshift_lens.config import KVShiftConfig
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: KVShiftConfig, length: int | None = None):
+        super().__init__()
+        kind = cfg.normalization_type
+        length = cfg.d_model if length is None else length
+        self.center = kind in ("LN", "LNPre")
+        self.eps = cfg.eps
+        if kind in ("LN", "RMS"):
+            self.w = nn.Parameter(torch.ones(length, dtype=cfg.dtype))
+        if kind == "LN":
+            self.b = nn.Parameter(torch.zeros(length, dtype=cfg.dtype))
+        self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head, 1])
+        self.hook_normalized = HookPoint()  # [batch, pos, length]
+
+    def forward(self, x: Float[Tensor, "batch pos length"]) -> Float[Tensor, "batch pos length"]:
+        if self.center:
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        x = x / scale
+        if hasattr(self, "w"):
+            x = x * self.w
+        if hasattr(self, "b"):
+            x = x + self.b
+        return self.hook_normalized(x)
+
+
+def make_norm(cfg: KVShiftConfig) -> nn.Module:
+    """The configured norm, or ``nn.Identity`` when ``normalization_type`` is None."""
+    return nn.Identity() if cfg.normalization_type is None else Norm(cfg)

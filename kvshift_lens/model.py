@@ -1,0 +1,551 @@
+"""``HookedKVShiftTransformer``: a decoder-only transformer whose attention can shift keys and values,
+built as a TransformerLens 4 ``HookedRootModule`` with HookedTransformer's names and shapes, so
+``ActivationCache``, ``patching``, ``head_detector``, ``tools.training`` and ``ProcessWeights`` take
+it unchanged (TL4_CONTRACT.md).
+
+Axis vocabulary: batch, pos, head, kv_head, lag, d_model, d_head, d_mlp, d_vocab, layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.utilities import Slice
+
+from kvshift_lens.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
+from kvshift_lens.components.attention import LayerKVCache
+from kvshift_lens.config import KVShiftConfig
+from kvshift_lens.shift import init_coefficients, project_to_simplex
+from kvshift_lens.tokenizer import TokenizerAdapter
+
+logger = logging.getLogger(__name__)
+
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+@dataclass
+class KVShiftCache:
+    """Incremental-decoding state: per layer, the shifted K/V seen so far plus the last
+    ``shift_window`` raw inputs of each shifted projection (see :class:`LayerKVCache`)."""
+
+    layers: list[LayerKVCache]
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVShiftCache:
+        return cls([LayerKVCache() for _ in range(n_layers)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+
+@dataclass
+class ShiftCoefficients:
+    """All shift coefficients of a model, labelled.
+
+    ``values[which]`` is ``[layer, head, lag]`` for each shifted projection ``which`` in
+    ``("q", "k", "v")`` (heads are KV heads for k and v, query heads for q); lag 0 multiplies the
+    current position, lag l the position l steps back. For the paper's window 1:
+    ``alpha1, alpha2 = values["k"][..., 0], values["k"][..., 1]`` and ``beta1, beta2`` likewise from
+    ``values["v"]``.
+    """
+
+    values: dict[str, Tensor]
+
+    def __getitem__(self, which: str) -> Tensor:
+        if which not in self.values:
+            raise KeyError(f"{which!r} is not shifted in this model; shifted: {list(self.values)}")
+        return self.values[which]
+
+    @property
+    def shifted(self) -> list[str]:
+        return list(self.values)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Long format: one dict per (layer, head, which, lag) with its value."""
+        out = []
+        for which, t in self.values.items():
+            for (layer, head, lag), v in zip(_index_grid(t.shape), t.flatten().tolist()):
+                out.append({"layer": layer, "head": head, "which": which, "lag": lag, "value": v})
+        return out
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.records())
+
+
+def _index_grid(shape: torch.Size) -> list[tuple[int, ...]]:
+    return [tuple(int(i) for i in idx) for idx in torch.cartesian_prod(
+        *[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist()]
+
+
+class HookedKVShiftTransformer(HookedRootModule):
+    """A hooked decoder-only transformer with KV shifting attention.
+
+    Args:
+        cfg: the model config (a :class:`KVShiftConfig` or a dict of its fields).
+        tokenizer: optional ``tokenizers.Tokenizer`` or ``transformers`` tokenizer; models on
+            integer tokens need none.
+        generator: a ``torch.Generator`` for the initial weights (None: torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        cfg: KVShiftConfig | dict,
+        tokenizer: Any = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = KVShiftConfig.from_dict(cfg)
+        if not isinstance(cfg, KVShiftConfig):
+            raise TypeError(f"cfg must be a KVShiftConfig or dict, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self._tok = None if tokenizer is None else TokenizerAdapter(tokenizer)
+        if self._tok is not None and self._tok.vocab_size > cfg.d_vocab:
+            raise ValueError(
+                f"tokenizer has {self._tok.vocab_size} tokens but d_vocab={cfg.d_vocab}; "
+                "set d_vocab >= the tokenizer's vocabulary size"
+            )
+
+        self.embed = Embed(cfg)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.positional_embedding_type in ("standard", "shortformer"):
+            self.pos_embed = PosEmbed(cfg)
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.ln_final = make_norm(cfg)
+        self.unembed = Unembed(cfg, self.embed)
+        self.init_weights(generator)
+        self.setup()
+        self.to(cfg.device)
+
+    # ------------------------------------------------------------------ construction
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Weights ~ N(0, init_range), biases 0, norms 1, shift coefficients by ``shift_init``."""
+        cfg = self.cfg
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("shift_"):
+                which = leaf[-1]
+                n = cfg.n_heads if which == "q" else cfg.n_key_value_heads
+                init = init_coefficients(n, cfg.n_lags, cfg.shift_init, which,
+                                         cfg.shift_init_std, generator, dtype=torch.float32)
+                if cfg.shift_param == "convex":
+                    init = project_to_simplex(init)
+                with torch.no_grad():
+                    p.copy_(init.to(p.dtype))
+            elif leaf.lstrip("_").startswith("W_"):
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * cfg.init_range)
+            elif leaf == "w":
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+
+    def get_caching_hooks(self, names_filter=None, incl_bwd=False, device=None,
+                          remove_batch_dim=False, cache=None, pos_slice=None):
+        """As HookedRootModule's, but slices each hook on its own position axis (``pos_dim``):
+        per-head hooks such as ``attn.hook_k_shifted`` on dim 1 of ``[b, p, head, d]``, and never
+        the coefficient hooks, which have no position axis."""
+        cache = {} if cache is None else cache
+        pos_slice = Slice.unwrap(pos_slice)
+        if names_filter is None:
+            names_filter = lambda name: True  # noqa: E731
+        elif isinstance(names_filter, str):
+            wanted = names_filter
+            names_filter = lambda name: name == wanted  # noqa: E731
+        elif isinstance(names_filter, list):
+            wanted_list = names_filter
+            names_filter = lambda name: name in wanted_list  # noqa: E731
+        elif not callable(names_filter):
+            raise ValueError(
+                f"names_filter must be a string, list of strings or function, got "
+                f"{type(names_filter).__name__}"
+            )
+        self.is_caching = True
+
+        def save_hook(tensor: Tensor, hook: HookPoint, is_backward: bool = False):
+            name = hook.name + ("_grad" if is_backward else "")
+            x = tensor.detach().to(device)
+            pos_dim = getattr(hook, "pos_dim", None)
+            has_pos = not name.split(".")[-1].startswith("hook_shift_")
+            if remove_batch_dim and has_pos:
+                x = x[0]
+            if has_pos and pos_slice.slice is not None:
+                dim = (1 if pos_dim is None else pos_dim) - (1 if remove_batch_dim else 0)
+                x = pos_slice.apply(x, dim=dim)
+            cache[name] = x
+
+        fwd, bwd = [], []
+        for name in self.hook_dict:
+            if names_filter(name):
+                fwd.append((name, lambda t, hook: save_hook(t, hook, False)))
+                if incl_bwd:
+                    bwd.append((name, lambda t, hook: save_hook(t, hook, True)))
+        return cache, fwd, bwd
+
+    def run_with_cache(self, *model_args, return_cache_object: bool = True,
+                       remove_batch_dim: bool = False, **kwargs):
+        """Run the model and return ``(output, ActivationCache)`` (or a plain dict with
+        ``return_cache_object=False``). ``names_filter`` limits what is stored: hooks it excludes
+        cost nothing, and unless it includes a pattern or score hook attention runs on the fast
+        path."""
+        out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim,
+                                                 **kwargs)
+        if return_cache_object:
+            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return out, cache_dict
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+        return_type: ReturnType = "logits",
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        past_kv_cache: KVShiftCache | None = None,
+        stop_at_layer: int | None = None,
+    ) -> Any:
+        """Run the model.
+
+        Args:
+            input: token ids ``[batch, pos]`` (or ``[pos]``), or text when the model has a
+                tokenizer.
+            return_type: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token cross
+                entropy, or ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss),
+                or None.
+            past_kv_cache: incremental-decoding state, extended in place.
+            stop_at_layer: return the residual stream before this block (no unembedding).
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(
+                f"return_type={return_type!r} is not one of ['logits', 'loss', 'both', None]"
+            )
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(
+            input, (str, list)) else self._check_tokens(input)
+        offset = 0 if past_kv_cache is None else past_kv_cache.length
+        self._check_length(tokens.shape[1] + offset)
+        residual = self.hook_embed(self.embed(tokens))
+        shortformer = None
+        if self.cfg.positional_embedding_type == "standard":
+            residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
+        elif self.cfg.positional_embedding_type == "shortformer":
+            shortformer = self.hook_pos_embed(self.pos_embed(tokens, offset))
+        layers = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
+        for i, block in enumerate(layers):
+            layer_cache = None if past_kv_cache is None else past_kv_cache.layers[i]
+            residual = block(residual, shortformer, cache=layer_cache)
+        if stop_at_layer is not None:
+            return residual
+        if return_type is None:
+            return None
+        logits = self.unembed(self.ln_final(residual))
+        if return_type == "logits":
+            return logits
+        loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _check_tokens(self, tokens: Any) -> Int[Tensor, "batch pos"]:
+        if not isinstance(tokens, Tensor):
+            raise TypeError(
+                f"input must be a LongTensor of token ids, a string or a list of strings, got "
+                f"{type(tokens).__name__}"
+            )
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}"
+            )
+        if tokens.shape[1] == 0:
+            raise ValueError("tokens has an empty position axis (shape "
+                             f"{tuple(tokens.shape)}); need at least one token")
+        if tokens.numel():
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.cfg.d_vocab:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is out of range: ids must be in [0, d_vocab={self.cfg.d_vocab})"
+                )
+        return tokens.to(device=self.cfg.device, dtype=torch.long)
+
+    def _check_length(self, length: int) -> None:
+        if length > self.cfg.n_ctx and self.cfg.positional_embedding_type in (
+                "standard", "shortformer"):
+            raise ValueError(
+                f"sequence length {length} exceeds n_ctx={self.cfg.n_ctx}, the number of learned "
+                f"positions ({self.cfg.positional_embedding_type} positional embedding)"
+            )
+
+    # ------------------------------------------------------------------ tokens
+    def _require_tokenizer(self) -> TokenizerAdapter:
+        if self._tok is None:
+            raise ValueError(
+                "this model has no tokenizer: pass token ids (a LongTensor), or build the model "
+                "with tokenizer=... (e.g. kvshift_lens.byte_level_tokenizer())"
+            )
+        return self._tok
+
+    def to_tokens(
+        self,
+        input: str | list[str] | Tensor,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] = "right",
+        move_to_device: bool = True,
+        truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Text to ``[batch, pos]`` token ids on ``cfg.device`` (tensors pass through, checked).
+
+        Strings of different lengths are padded on ``padding_side`` with the pad token (or BOS,
+        or 0); ``truncate`` cuts to ``n_ctx``.
+        """
+        if isinstance(input, Tensor):
+            return self._check_tokens(input)
+        tok = self._require_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("to_tokens takes a string, a list of strings or a tensor of ids")
+        bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        rows = []
+        for text in texts:
+            ids = tok.encode(text)
+            if bos:
+                if tok.bos_token_id is None:
+                    raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+                ids = [tok.bos_token_id] + ids
+            rows.append(ids[: self.cfg.n_ctx] if truncate else ids)
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise ValueError("input text encodes to zero tokens")
+        pad = next((p for p in (tok.pad_token_id, tok.bos_token_id) if p is not None), 0)
+        padded = [
+            ([pad] * (width - len(r)) + r) if padding_side == "left" else (r + [pad] * (width - len(r)))
+            for r in rows
+        ]
+        out = torch.tensor(padded, dtype=torch.long)
+        return out.to(self.cfg.device) if move_to_device else out
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        tok = self._require_tokenizer()
+        t = torch.as_tensor(tokens)
+        if t.ndim <= 1:
+            return tok.decode(t.reshape(-1).tolist())
+        return [tok.decode(row.tolist()) for row in t]
+
+    def to_str_tokens(self, input: str | Tensor, prepend_bos: bool | None = None) -> list[str]:
+        tok = self._require_tokenizer()
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(input, str) else (
+            torch.as_tensor(input).reshape(-1))
+        return [tok.token_str(int(i)) for i in tokens.reshape(-1)]
+
+    def to_single_token(self, string: str) -> int:
+        tokens = self.to_tokens(string, prepend_bos=False).reshape(-1)
+        if tokens.numel() != 1:
+            raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one")
+        return int(tokens.item())
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Tensor
+    ) -> Float[Tensor, "... d_model"]:
+        """The unembedding directions ``W_U[:, token]`` of tokens (d_model last)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        t = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, t.reshape(-1)].T.reshape(*t.shape, self.cfg.d_model)
+
+    # ------------------------------------------------------------------ weights, TL-style
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"]:
+        return self.unembed.b_U
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_ctx d_model"]:
+        if not hasattr(self, "pos_embed"):
+            raise AttributeError(
+                f"{self.cfg.positional_embedding_type!r} positional embedding has no W_pos")
+        return self.pos_embed.W_pos
+
+    def _stack_attn(self, name: str) -> Tensor:
+        return torch.stack([getattr(b.attn, name) for b in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack_attn("W_Q")
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack_attn("W_K")
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack_attn("W_V")
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stack_attn("W_O")
+
+    @property
+    def QK(self):
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def accumulated_bias(
+        self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True
+    ) -> Float[Tensor, " d_model"]:
+        """Sum of the output biases written to the residual stream before ``layer`` (plus
+        ``layer``'s attention bias when ``mlp_input``)."""
+        out = torch.zeros(self.cfg.d_model, device=self.cfg.device, dtype=self.cfg.dtype)
+        for block in self.blocks[:layer]:
+            out = out + block.attn.b_O
+            if include_mlp_biases and not self.cfg.attn_only:
+                out = out + block.mlp.b_out
+        if mlp_input:
+            if layer >= self.cfg.n_layers:
+                raise ValueError(f"mlp_input needs layer < n_layers={self.cfg.n_layers}")
+            out = out + self.blocks[layer].attn.b_O
+        return out
+
+    # ------------------------------------------------------------------ hook flags
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        self.cfg.use_attn_result = use_attn_result
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        self.cfg.use_split_qkv_input = use_split_qkv_input
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        if self.cfg.attn_only:
+            raise ValueError("an attention-only model has no MLP input to hook")
+        self.cfg.use_hook_mlp_in = use_hook_mlp_in
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        self.cfg.use_attn_in = use_attn_in
+
+    # ------------------------------------------------------------------ the shift
+    def shift_coefficients(self) -> ShiftCoefficients:
+        """Every layer's effective coefficients, ``[layer, head, lag]`` per shifted projection
+        (detached copies; for gradients use ``blocks[l].attn.coefficients(which)``)."""
+        values = {}
+        for which in ("q", "k", "v"):
+            per_layer = [b.attn.coefficients(which) for b in self.blocks]
+            if per_layer and per_layer[0] is not None:
+                values[which] = torch.stack(per_layer).detach().clone()
+        return ShiftCoefficients(values)
+
+    @torch.no_grad()
+    def constrain_shift_(self) -> None:
+        """Project stored coefficients onto their constraint set (no-op for ``free``). A
+        trainer calls this after each optimiser step when ``shift_param='convex'``."""
+        if self.cfg.shift_param != "convex":
+            return
+        for name, p in self.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("shift_"):
+                p.copy_(project_to_simplex(p))
+
+    # ------------------------------------------------------------------ devices
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        first = next(self.parameters(), None)
+        if first is not None:
+            self.cfg.device = str(first.device)
+            if first.is_floating_point():
+                self.cfg.dtype = first.dtype
+        return out
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input: str | Int[Tensor, "batch pos"],
+        max_new_tokens: int = 10,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        use_past_kv_cache: bool = True,
+        generator: torch.Generator | None = None,
+        prepend_bos: bool | None = None,
+    ) -> Int[Tensor, "batch pos_plus_new"] | str:
+        """Greedy or sampled continuation. With ``use_past_kv_cache`` each step feeds only the new
+        token and the cache (shifted K/V plus the raw K/V tail) supplies the rest; without it every
+        step recomputes the whole prefix. Returns token ids, or a string for string input."""
+        from kvshift_lens.generate import generate
+
+        return generate(self, input, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, use_past_kv_cache=use_past_kv_cache,
+                        generator=generator, prepend_bos=prepend_bos)
+
+    def new_cache(self) -> KVShiftCache:
+        return KVShiftCache.empty(self.cfg.n_layers)
+
+    # ------------------------------------------------------------------ weights processing
+    def fold_layer_norm_(self, center_writing_weights: bool = True,
+                         center_unembed: bool = True) -> HookedKVShiftTransformer:
+        """Fold norms into the weights that read them, with TransformerLens' ``ProcessWeights``.
+
+        Value biases are never folded: under the shift the value bias reaching position t is
+        ``(beta1 + beta2) * b_V`` everywhere but position 0, so folding it into ``b_O`` is not
+        exact. A tied unembedding is untied (folding ``ln_final`` changes ``W_U`` alone).
+        """
+        from kvshift_lens.processing import fold_layer_norm
+
+        fold_layer_norm(self, center_writing_weights=center_writing_weights,
+                        center_unembed=center_unembed)
+        return self
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory) -> None:
+        from kvshift_lens.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | None = None) -> HookedKVShiftTransformer:
+        from kvshift_lens.checkpoint import load_pretrained
+
+        return load_pretrained(directory, device=device)
+
+
+def lm_cross_entropy(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    per_token: bool = False,
+) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
+    """Next-token cross entropy: position t predicts token t + 1."""
+    if tokens.shape[1] < 2:
+        raise ValueError("a loss needs at least 2 positions (position t predicts token t + 1)")
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+    return nll if per_token else nll.mean()

@@ -1,0 +1,120 @@
+"""The KV shift, as a pure function, and how its coefficients are parametrised and initialised.
+
+PAPER.md (Xu et al. 2024), with ``shift(X)_t = X_{t-1}`` and ``shift(X)_0 = 0``::
+
+    K'_t = alpha1 * K_t + alpha2 * K_{t-1}
+    V'_t = beta1  * V_t + beta2  * V_{t-1}
+
+Here a head's coefficients are a vector ``c`` over lags, ``c[0]`` for the current position and
+``c[l]`` for position ``t - l``; so ``(alpha1, alpha2) = shift_k[head]`` and
+``(beta1, beta2) = shift_v[head]``. With ``shift_window`` w > 1 the same formula runs over
+``l = 0..w``: a causal depthwise filter, one scalar per head and lag. Positions before the start
+of the sequence contribute zero, so position t never reads anything after t.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def shift(
+    x: Float[Tensor, "batch pos head d_head"],
+    coeffs: Float[Tensor, "head lag"],
+    past: Float[Tensor, "batch past head d_head"] | None = None,
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Mix each position with the ``lag - 1`` positions before it: ``sum_l c[h, l] * x[t - l]``.
+
+    Args:
+        x: activations per position and head.
+        coeffs: per-head coefficients; ``coeffs[:, 0]`` multiplies ``x_t``, ``coeffs[:, l]``
+            multiplies ``x_{t-l}``. Cast to ``x.dtype`` (fp32 coefficients times bf16 activations
+            would otherwise promote the whole tensor to fp32).
+        past: the raw activations of up to ``lag - 1`` positions immediately before ``x`` (an
+            incremental-decoding cache); positions before those count as zero.
+
+    Returns:
+        The shifted activations, same shape as ``x``.
+    """
+    n_lags = coeffs.shape[-1]
+    c = coeffs.to(x.dtype)
+    out = x * c[:, 0, None]
+    if n_lags == 1:
+        return out
+    n_past = 0 if past is None else past.shape[1]
+    full = x if n_past == 0 else torch.cat([past, x], dim=1)
+    pos = x.shape[1]
+    for lag in range(1, n_lags):
+        # out[t] += c[lag] * full[n_past + t - lag] for every t with a source inside `full`.
+        first = max(0, lag - n_past)
+        if first >= pos:
+            break
+        src = full[:, n_past + first - lag : n_past + pos - lag]
+        out[:, first:].addcmul_(src, c[:, lag, None])
+    return out
+
+
+def project_to_simplex(v: Float[Tensor, "... lag"]) -> Float[Tensor, "... lag"]:
+    """Euclidean projection of each row onto the probability simplex (Duchi et al. 2008)."""
+    n = v.shape[-1]
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1
+    ind = torch.arange(1, n + 1, device=v.device, dtype=v.dtype)
+    cond = (u - css / ind) > 0
+    rho = cond.to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def constrain(raw: Tensor, param: str) -> Tensor:
+    """Coefficients from their stored parameters.
+
+    ``free``: the parameter is the coefficient (the paper). ``convex``: the forward value is the
+    projection onto the simplex (each coefficient in [0, 1], summing to 1 over lags), with a
+    straight-through gradient, so identity is exactly representable and gradients still reach
+    coefficients sitting at 0; :meth:`HookedKVShiftTransformer.constrain_shift_` projects the
+    stored parameters after an optimiser step (projected gradient descent).
+    """
+    if param == "free":
+        return raw
+    if param == "convex":
+        return raw + (project_to_simplex(raw.detach()) - raw.detach())
+    raise ValueError(f"shift_param={param!r} is not one of ['free', 'convex']")
+
+
+def init_coefficients(
+    n_heads: int,
+    n_lags: int,
+    scheme: str,
+    which: str,
+    std: float = 0.1,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, "head lag"]:
+    """Initial coefficients for one shifted projection.
+
+    Args:
+        n_heads: heads sharing this projection (KV heads for K and V, query heads for Q).
+        n_lags: ``shift_window + 1``.
+        scheme: ``identity`` (1 at lag 0, exactly vanilla), ``uniform`` (``1 / n_lags`` each),
+            ``normal`` (identity plus N(0, std) noise), ``induction`` (keys read the previous
+            token, values and queries the current one: the paper's one-layer induction point).
+        which: "q", "k" or "v" (only ``induction`` depends on it).
+    """
+    out = torch.zeros(n_heads, n_lags, dtype=dtype)
+    if scheme == "identity":
+        out[:, 0] = 1
+    elif scheme == "uniform":
+        out[:] = 1.0 / n_lags
+    elif scheme == "normal":
+        out[:, 0] = 1
+        noise = torch.randn(n_heads, n_lags, generator=generator, dtype=torch.float32)
+        out = out + std * noise.to(dtype)
+    elif scheme == "induction":
+        out[:, 1 if which == "k" else 0] = 1
+    else:
+        raise ValueError(
+            f"shift_init={scheme!r} is not one of ['identity', 'uniform', 'normal', 'induction']"
+        )
+    return out
