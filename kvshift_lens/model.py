@@ -233,8 +233,10 @@ class HookedKVShiftTransformer(HookedRootModule):
             raise ValueError(
                 f"return_type={return_type!r} is not one of ['logits', 'loss', 'both', None]"
             )
-        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(
-            input, (str, list)) else self._check_tokens(input)
+        is_text = isinstance(input, str) or (
+            isinstance(input, list) and all(isinstance(t, str) for t in input))
+        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if is_text else \
+            self._check_tokens(input)
         offset = 0 if past_kv_cache is None else past_kv_cache.length
         self._check_length(tokens.shape[1] + offset)
         residual = self.hook_embed(self.embed(tokens))

@@ -1,0 +1,239 @@
+"""The model against independent references: vanilla equivalence at identity, a from-scratch
+re-implementation, the two attention paths, float64, losses and input errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from kvshift_lens import HookedKVShiftTransformer, KVShiftConfig
+from tests.helpers import ARCHS, build, randomize, tiny_config
+from tests.reference import reference_logits
+
+POS_TYPES = ["standard", "rotary", "shortformer", "none"]
+NORMS = ["LN", "RMS", None]
+
+
+def _tokens(cfg, batch=2, pos=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.d_vocab, (batch, pos or cfg.n_ctx), generator=g)
+
+
+def _copy_shared(src: HookedKVShiftTransformer, dst: HookedKVShiftTransformer) -> None:
+    state = {k: v for k, v in src.state_dict().items() if ".shift_" not in k}
+    missing, unexpected = dst.load_state_dict(state, strict=False)
+    assert all(".shift_" in k for k in missing) and not unexpected
+
+
+@pytest.mark.parametrize(
+    "pos_type,norm,arch,gqa,tied",
+    list(itertools.product(POS_TYPES, NORMS, ARCHS, [False, True], [False, True])),
+)
+def test_identity_coefficients_equal_vanilla(pos_type, norm, arch, gqa, tied):
+    """At identity the shifted model is exactly the vanilla one, for every shift variant."""
+    common = dict(positional_embedding_type=pos_type, normalization_type=norm,
+                  n_key_value_heads=2 if gqa else None, tie_word_embeddings=tied, **ARCHS[arch])
+    vanilla = build(shift_k=False, shift_v=False, **common)
+    tokens = _tokens(vanilla.cfg)
+    expected = vanilla(tokens)
+    variants = [
+        dict(shift_window=1, shift_param="free"),
+        dict(shift_window=2, shift_param="convex", shift_q=True),
+        dict(shift_window=3, shift_param="free", shift_k=False, shift_q=True),
+    ]
+    if pos_type == "rotary":
+        variants.append(dict(shift_position="post_rotary"))
+    for variant in variants:
+        shifted = HookedKVShiftTransformer(tiny_config(**common, **variant)).eval()
+        _copy_shared(vanilla, shifted)  # coefficients keep their identity init
+        for which, c in shifted.shift_coefficients().values.items():
+            assert torch.equal(c[..., 0], torch.ones_like(c[..., 0])), which
+            assert torch.equal(c[..., 1:], torch.zeros_like(c[..., 1:])), which
+        assert_close(shifted(tokens), expected, rtol=0, atol=1e-6)
+
+
+REFERENCE_CASES = [
+    dict(),
+    dict(normalization_type="RMS", gated_mlp=True, act_fn="silu", n_key_value_heads=2),
+    dict(positional_embedding_type="rotary", shift_q=True, attn_only=True),
+    dict(positional_embedding_type="rotary", shift_position="post_rotary", rotary_dim=2),
+    dict(positional_embedding_type="shortformer", shift_window=2, tie_word_embeddings=True),
+    dict(positional_embedding_type="none", normalization_type=None, shift_window=3,
+         shift_param="convex", act_fn="relu"),
+    dict(shift_k=False, act_fn="gelu_new"),
+    dict(shift_v=False, n_key_value_heads=1, shift_q=True),
+]
+
+
+@pytest.mark.parametrize("overrides", REFERENCE_CASES, ids=lambda o: ",".join(
+    f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_matches_reference_implementation(overrides, sdpa):
+    model = build(n_ctx=8, use_sdpa=sdpa, **overrides)
+    tokens = _tokens(model.cfg, batch=2)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    expected = reference_logits(model.cfg, sd, tokens)
+    assert_close(model(tokens), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", REFERENCE_CASES[:6])
+def test_sdpa_path_equals_explicit_path(overrides):
+    model = build(**overrides)
+    tokens = _tokens(model.cfg, batch=3)
+    fast = model(tokens)
+    seen = {}
+
+    def spy(pattern, hook):
+        seen[hook.name] = pattern
+
+    slow = model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), spy)])
+    assert len(seen) == model.cfg.n_layers  # the hook forced the explicit path in every layer
+    assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    model.cfg.use_sdpa = False
+    assert_close(model(tokens), fast, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_agrees_with_float32():
+    model32 = build(positional_embedding_type="rotary", shift_window=2, n_key_value_heads=2)
+    model64 = build(positional_embedding_type="rotary", shift_window=2, n_key_value_heads=2)
+    model64.to(torch.float64)
+    assert model64.cfg.dtype == torch.float64
+    tokens = _tokens(model32.cfg)
+    out64 = model64(tokens)
+    assert out64.dtype == torch.float64
+    assert_close(model32(tokens).double(), out64, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_matches_manual_cross_entropy():
+    model = build()
+    tokens = _tokens(model.cfg, batch=3)
+    logits, loss = model(tokens, return_type="both")
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                             tokens[:, 1:].reshape(-1), reduction="none").view(3, -1)
+    assert_close(loss, manual.mean())
+    assert_close(model(tokens, return_type="loss", loss_per_token=True), manual)
+    assert model(tokens, return_type=None) is None
+
+
+def test_shift_changes_output_and_only_through_coefficients():
+    """Sanity that the references are sensitive: non-identity coefficients change the logits."""
+    model = build()
+    tokens = _tokens(model.cfg)
+    before = model(tokens)
+    with torch.no_grad():
+        model.blocks[0].attn.shift_v[0, 1] += 0.5
+    assert (model(tokens) - before).abs().max() > 1e-3
+
+
+def test_stop_at_layer_returns_residual():
+    model = build()
+    tokens = _tokens(model.cfg)
+    _, cache = model.run_with_cache(tokens)
+    assert_close(model(tokens, stop_at_layer=1), cache["blocks.0.hook_resid_post"])
+
+
+@pytest.mark.parametrize("pos_type", ["standard", "shortformer"])
+def test_too_long_sequence_with_learned_positions_raises(pos_type):
+    model = build(positional_embedding_type=pos_type)
+    tokens = torch.zeros(1, model.cfg.n_ctx + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"sequence length 13 exceeds n_ctx=12"):
+        model(tokens)
+
+
+def test_rotary_runs_past_n_ctx_consistently():
+    model = build(positional_embedding_type="rotary")
+    tokens = _tokens(model.cfg, pos=20)
+    long = model(tokens)
+    assert_close(long[:, :12], model(tokens[:, :12]), rtol=1e-5, atol=1e-5)  # causal prefix
+
+
+@pytest.mark.parametrize(
+    "bad,err,match",
+    [
+        (torch.tensor([[1, 2, 23]]), ValueError, r"token id 23 is out of range.*d_vocab=23"),
+        (torch.tensor([[1, -1, 2]]), ValueError, r"token id -1 is out of range"),
+        (torch.tensor([[1.0, 2.0]]), TypeError, r"integer tensor.*float32"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"shape \[batch, pos\]"),
+        ([1, 2, 3], TypeError, r"LongTensor of token ids.*got list"),
+    ],
+)
+def test_bad_tokens_raise_clear_errors(bad, err, match):
+    model = build()
+    with pytest.raises(err, match=match):
+        model(bad)
+
+
+def test_text_without_tokenizer_raises():
+    with pytest.raises(ValueError, match="no tokenizer"):
+        build()("hello")
+
+
+def test_bad_return_type():
+    with pytest.raises(ValueError, match="return_type='logit'"):
+        build()(torch.zeros(1, 3, dtype=torch.long), return_type="logit")
+
+
+def test_convex_coefficients_stay_on_simplex_and_train():
+    model = build(shift_param="convex", shift_window=2, shift_init="identity",
+                  randomize_weights=False).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tokens = _tokens(model.cfg, batch=4)
+    for _ in range(5):
+        opt.zero_grad()
+        model(tokens, return_type="loss").backward()
+        opt.step()
+        model.constrain_shift_()
+    coeffs = model.shift_coefficients()
+    for which in coeffs.shifted:
+        c = coeffs[which]
+        assert (c >= 0).all() and (c <= 1).all()
+        assert_close(c.sum(-1), torch.ones_like(c.sum(-1)))
+    # It moved off identity: gradients reach coefficients that sit at 0.
+    assert coeffs["k"][..., 1:].sum() > 0
+
+
+def test_shift_init_schemes():
+    for scheme, lag0 in [("identity", 1.0), ("uniform", 0.5)]:
+        c = HookedKVShiftTransformer(tiny_config(shift_init=scheme)).shift_coefficients()
+        assert torch.all(c["k"][..., 0] == lag0) and torch.all(c["v"][..., 0] == lag0)
+    c = HookedKVShiftTransformer(tiny_config(shift_init="induction")).shift_coefficients()
+    assert torch.all(c["k"][..., 1] == 1) and torch.all(c["k"][..., 0] == 0)
+    assert torch.all(c["v"][..., 0] == 1) and torch.all(c["v"][..., 1] == 0)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = HookedKVShiftTransformer(tiny_config(shift_init="normal"), generator=g1)
+    b = HookedKVShiftTransformer(tiny_config(shift_init="normal"), generator=g2)
+    assert torch.equal(a.shift_coefficients()["k"], b.shift_coefficients()["k"])
+    assert not torch.equal(a.shift_coefficients()["k"][..., 0],
+                           torch.ones_like(a.shift_coefficients()["k"][..., 0]))
+
+
+def test_shift_coefficients_labelled():
+    model = build(shift_q=True, n_key_value_heads=2, shift_window=2)
+    coeffs = model.shift_coefficients()
+    assert coeffs["k"].shape == (2, 2, 3) and coeffs["q"].shape == (2, 4, 3)
+    assert_close(coeffs["v"][1], model.blocks[1].attn.shift_v.detach())
+    rows = coeffs.records()
+    assert len(rows) == 2 * 2 * 3 * 2 + 2 * 4 * 3
+    row = next(r for r in rows if r == {**r, "layer": 1, "head": 0, "which": "v", "lag": 2})
+    assert row["value"] == pytest.approx(float(model.blocks[1].attn.shift_v[0, 2].detach()))
+    with pytest.raises(KeyError, match="not shifted"):
+        build(shift_q=False).shift_coefficients()["q"]
+
+
+def test_randomize_helper_is_deterministic():
+    a, b = build(seed=5), build(seed=5)
+    randomize(a, 7)
+    randomize(b, 7)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_config_accepts_dict_and_rejects_other_types():
+    cfg = tiny_config().to_dict()
+    assert isinstance(HookedKVShiftTransformer(cfg).cfg, KVShiftConfig)
+    with pytest.raises(TypeError, match="cfg must be a KVShiftConfig or dict"):
+        HookedKVShiftTransformer("gpt2")
