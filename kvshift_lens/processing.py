@@ -29,17 +29,25 @@ def fold_layer_norm(
     """
     cfg = model.cfg
     if cfg.tie_word_embeddings:
-        W_U = model.W_U.detach().clone()
+        W_U, b_U = model.W_U.detach().clone(), model.b_U.detach().clone()
         cfg.tie_word_embeddings = False
         model.unembed = Unembed(cfg, model.embed).to(W_U.device)
         model.unembed.W_U.copy_(W_U)
+        model.unembed.b_U.copy_(b_U)
         model.setup()
-    state = model.state_dict()
+    state = dict(model.state_dict())
     W_pos = state.get("pos_embed.W_pos")
-    processed = ProcessWeights.process_weights(
-        dict(state), cfg, fold_ln=True, center_writing_weights=center_writing_weights,
-        center_unembed=center_unembed, fold_value_biases=False,
-    )
+    # The steps of ProcessWeights.process_weights(fold_value_biases=False), called one by one:
+    # process_weights itself rounds float64 weights through float32 (TransformerLens 4.3).
+    layer_norm = cfg.normalization_type in ("LN", "LNPre")
+    if cfg.normalization_type is not None:
+        state = ProcessWeights.fold_layer_norm(state, cfg, fold_biases=layer_norm,
+                                               center_weights=layer_norm)
+    if center_writing_weights and layer_norm and not cfg.final_rms:
+        state = ProcessWeights.center_writing_weights(state, cfg)
+    if center_unembed:
+        state = ProcessWeights.center_unembed(state, cfg=cfg)
+    processed = state
     if cfg.positional_embedding_type == "shortformer" and W_pos is not None:
         # Shortformer positions feed queries and keys only, never the residual stream.
         processed["pos_embed.W_pos"] = W_pos

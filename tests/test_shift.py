@@ -1,0 +1,124 @@
+"""The shift function, the simplex projection and the effective pattern, against brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.testing import assert_close
+
+from kvshift_lens.shift import constrain, project_to_simplex, shift
+from probes import effective_pattern
+from tests.helpers import build
+
+
+def _loop_shift(x, c):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[1]):
+        for h in range(x.shape[2]):
+            for lag in range(c.shape[1]):
+                if t - lag >= 0:
+                    out[:, t, h] += c[h, lag] * x[:, t - lag, h]
+    return out
+
+
+@pytest.mark.parametrize("lags,pos", [(1, 5), (2, 5), (3, 7), (5, 3)])
+def test_shift_matches_loops(lags, pos):
+    x = torch.randn(2, pos, 3, 4, dtype=torch.float64)
+    c = torch.randn(3, lags, dtype=torch.float64)
+    assert_close(shift(x, c), _loop_shift(x, c))
+
+
+def test_paper_equation_window_one():
+    """K'_t = a1 K_t + a2 K_{t-1}, K'_0 = a1 K_0."""
+    k = torch.randn(1, 4, 1, 2)
+    a1, a2 = 0.3, 1.7
+    out = shift(k, torch.tensor([[a1, a2]]))
+    assert_close(out[:, 0], a1 * k[:, 0])
+    assert_close(out[:, 1:], a1 * k[:, 1:] + a2 * k[:, :-1])
+
+
+@pytest.mark.parametrize("lags", [2, 3, 4])
+def test_shift_with_past_equals_shift_of_concatenation(lags):
+    x = torch.randn(2, 9, 3, 4, dtype=torch.float64)
+    c = torch.randn(3, lags, dtype=torch.float64)
+    full = shift(x, c)
+    for split in range(1, 9):
+        past = x[:, max(0, split - (lags - 1)) : split]
+        assert_close(shift(x[:, split:], c, past=past), full[:, split:])
+
+
+def test_bf16_keeps_activation_dtype():
+    x = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
+    assert shift(x, torch.randn(2, 2)).dtype == torch.bfloat16
+
+
+def _brute_simplex(v, steps=400):
+    """Projection by exhaustive minimisation over a fine grid (2 or 3 coordinates)."""
+    n = v.numel()
+    grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    best, best_d = None, float("inf")
+    for point in itertools.product(grid.tolist(), repeat=n - 1):
+        last = 1 - sum(point)
+        if last < -1e-12:
+            continue
+        p = torch.tensor([*point, max(last, 0.0)], dtype=torch.float64)
+        d = float(((p - v) ** 2).sum())
+        if d < best_d:
+            best, best_d = p, d
+    return best
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.floats(-2, 2), min_size=2, max_size=3))
+def test_simplex_projection_is_the_closest_point(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    p = project_to_simplex(v)
+    assert (p >= 0).all() and abs(float(p.sum()) - 1) < 1e-9
+    steps = 400 if v.numel() == 2 else 60
+    brute = _brute_simplex(v, steps)
+    tol = 2.0 / steps
+    assert float(((p - v) ** 2).sum()) <= float(((brute - v) ** 2).sum()) + 1e-9
+    assert (p - brute).abs().max() <= tol
+
+
+def test_convex_identity_is_exact_with_gradient_at_zero():
+    raw = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    c = constrain(raw, "convex")
+    assert torch.equal(c.detach(), raw.detach())
+    (c * torch.tensor([[0.0, -1.0]])).sum().backward()
+    assert raw.grad[0, 1] == -1.0  # the coefficient sitting at 0 still gets a gradient
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_effective_pattern_reads_the_same_values(window):
+    """pattern @ V' == A_eff @ V: the effective pattern says which *tokens'* values a shifted
+    head reads, exactly."""
+    model = build(shift_window=window, n_key_value_heads=2)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, model.cfg.n_ctx))
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        pattern = cache["pattern", layer]  # [b, head, q, k]
+        v = cache["v", layer].repeat_interleave(2, dim=2)  # raw values per query head
+        v_shifted = cache[f"blocks.{layer}.attn.hook_v_shifted"].repeat_interleave(2, dim=2)
+        coeffs = model.shift_coefficients()["v"][layer].repeat_interleave(2, dim=0)
+        a_eff = effective_pattern(pattern, coeffs)
+        lhs = torch.einsum("bhqk,bkhd->bqhd", pattern, v_shifted)
+        rhs = torch.einsum("bhqk,bkhd->bqhd", a_eff, v)
+        assert_close(lhs, rhs, rtol=1e-5, atol=1e-5)
+        assert_close(lhs, cache["z", layer], rtol=1e-5, atol=1e-5)
+
+
+def test_effective_pattern_window_one_formula():
+    a = torch.rand(1, 1, 4, 4).tril()
+    b1, b2 = 0.25, 0.75
+    eff = effective_pattern(a, torch.tensor([[b1, b2]]))
+    expected = torch.zeros_like(a)
+    for i, j in itertools.product(range(4), range(4)):
+        expected[..., i, j] = b1 * a[..., i, j] + (b2 * a[..., i, j + 1] if j + 1 < 4 else 0)
+    assert_close(eff, expected)
+    with pytest.raises(ValueError, match="value_coeffs has 2 heads, pattern has 1"):
+        effective_pattern(a, torch.ones(2, 2))
