@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import torch
 from transformer_lens.config import TransformerLensConfig
@@ -67,14 +67,14 @@ class KVShiftConfig(TransformerLensConfig):
     """
 
     d_vocab: int = -1
-    normalization_type: Optional[str] = "LN"
+    normalization_type: str | None = "LN"
     act_fn: str = "gelu"
     positional_embedding_type: str = "standard"
-    rotary_dim: Optional[int] = None
+    rotary_dim: int | None = None
     rotary_base: float = 10000.0
     tie_word_embeddings: bool = False
     init_range: float = 0.02
-    tokenizer_name: Optional[str] = None
+    tokenizer_name: str | None = None
     default_prepend_bos: bool = False
 
     shift_k: bool = True

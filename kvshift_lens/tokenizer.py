@@ -53,7 +53,7 @@ class TokenizerAdapter:
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
-        self.is_hf = hasattr(tokenizer, "convert_tokens_to_ids") and hasattr(tokenizer, "__call__")
+        self.is_hf = hasattr(tokenizer, "convert_tokens_to_ids") and callable(tokenizer)
         if not self.is_hf and not isinstance(tokenizer, Tokenizer):
             raise TypeError(
                 "tokenizer must be a tokenizers.Tokenizer or a transformers tokenizer, got "
