@@ -1,0 +1,187 @@
+"""The trainer: bit-identical resume, the NaN guard, DDP equivalence, run-folder safety, the
+schedule, and a tiny end-to-end run that must learn induction."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvshift_lens import HookedKVShiftTransformer
+from kvshift_lens.train import (
+    RunFolderError,
+    RunSpec,
+    TrainConfig,
+    TrainingDiverged,
+    lr_lambda,
+    train,
+)
+from kvshift_lens.train import trainer as trainer_module
+from kvshift_lens.train.state import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def small_spec(**train_overrides) -> RunSpec:
+    settings = dict(steps=12, batch_size=8, lr=3e-3, warmup_steps=3, eval_every=4,
+                    eval_batches=2, checkpoint_every=4, log_every=1, progress=False, device="cpu")
+    settings.update(train_overrides)
+    return RunSpec(
+        model=dict(d_model=32, d_head=8, n_layers=1, n_ctx=24, attn_only=True,
+                   shift_init="normal"),
+        task=dict(name="induction", d_vocab=20, seq_len=24),
+        train=TrainConfig(**settings),
+    )
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return HookedKVShiftTransformer.from_pretrained(run_dir / "final", device="cpu").state_dict()
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_is_bit_identical(tmp_path, monkeypatch):
+    straight = train(small_spec(), tmp_path / "straight")
+
+    real_build = trainer_module.build_task
+
+    def crashing_build(spec):
+        task = real_build(spec)
+        calls = {"n": 0}
+        original = task.sample
+
+        class Wrapped:
+            def __getattr__(self, name):
+                return getattr(task, name)
+
+            def sample(self, batch_size, generator):
+                if batch_size == 8 and generator is not None:
+                    calls["n"] += 1
+                    if calls["n"] == 17:  # 2 eval draws per eval: this is step 11, after the step-8 checkpoint
+                        raise _Crash
+                return original(batch_size, generator)
+
+        return Wrapped()
+
+    monkeypatch.setattr(trainer_module, "build_task", crashing_build)
+    with pytest.raises(_Crash):
+        train(small_spec(), tmp_path / "crashed")
+    assert latest_checkpoint(tmp_path / "crashed").name == "step_00000008"
+    monkeypatch.setattr(trainer_module, "build_task", real_build)
+    resumed = train(small_spec(), tmp_path / "crashed", resume=True)
+
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "crashed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _metrics(tmp_path / "straight") == _metrics(tmp_path / "crashed")
+    assert straight.final_metrics == resumed.final_metrics
+    # The run moved: trained weights differ from the initial ones.
+    init = HookedKVShiftTransformer({**small_spec().model, "d_vocab": 20, "device": "cpu"},
+                                    generator=torch.Generator().manual_seed(0)).state_dict()
+    assert not torch.equal(init["embed.W_E"], a["embed.W_E"])
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(tmp_path):
+    train(small_spec(steps=2, eval_every=2), tmp_path / "run")
+    with pytest.raises(RunFolderError, match="already exists; pass --resume"):
+        train(small_spec(steps=2, eval_every=2), tmp_path / "run")
+    with pytest.raises(RunFolderError, match=r"differs from this run in \['train'\]"):
+        train(small_spec(steps=3, eval_every=2), tmp_path / "run", resume=True)
+    result = train(small_spec(steps=2, eval_every=2), tmp_path / "run", overwrite=True)
+    assert result.steps == 2
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    spec = small_spec(checkpoint_every=2)
+    model = HookedKVShiftTransformer({**spec.model, "d_vocab": 20, "device": "cpu"},
+                                     generator=torch.Generator().manual_seed(0))
+    calls = {"n": 0}
+
+    def poison(x, hook):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return x * float("nan")
+        return x
+
+    model.add_perma_hook("hook_embed", poison)
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss=nan.*not finite.*last good checkpoint"):
+        train(spec, tmp_path / "run", model=model)
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step_00000004"
+    kept = HookedKVShiftTransformer.from_pretrained(ckpt, device="cpu")
+    assert all(torch.isfinite(p).all() for p in kept.parameters())
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_task_model_mismatch(tmp_path):
+    spec = small_spec()
+    spec.model["d_vocab"] = 10
+    with pytest.raises(ValueError, match="model d_vocab=10 is smaller than task 'induction' d_vocab=20"):
+        train(spec, tmp_path / "run")
+    spec = small_spec()
+    spec.model["n_ctx"] = 10
+    with pytest.raises(ValueError, match="n_ctx=10 is shorter than the task's seq_len=24"):
+        train(spec, tmp_path / "run")
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_lambda(0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_lambda(9, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(10, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_lambda(60, 10, 110, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr_lambda(110, 10, 110, 0.1) == pytest.approx(0.1)
+
+
+def test_metrics_log_coefficients_every_eval(tmp_path):
+    result = train(small_spec(steps=8), tmp_path / "run")
+    evals = [m for m in _metrics(tmp_path / "run") if m["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 4, 8]
+    final = HookedKVShiftTransformer.from_pretrained(tmp_path / "run" / "final", device="cpu")
+    assert torch.tensor(evals[-1]["coefficients"]["k"]).allclose(final.shift_coefficients()["k"])
+    assert not torch.tensor(evals[0]["coefficients"]["k"]).allclose(
+        torch.tensor(evals[-1]["coefficients"]["k"]))
+    assert result.tokens_per_second > 0
+
+
+DDP_SCRIPT = """
+import sys
+from kvshift_lens.train import RunSpec, TrainConfig, train
+sys.path.insert(0, {root!r})
+from tests.train.test_trainer import small_spec
+train(small_spec(checkpoint_every=0), {run!r})
+"""
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) gives the same losses as 1 process, same global batch."""
+    single = train(small_spec(checkpoint_every=0), tmp_path / "single")
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), run=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [m for m in _metrics(tmp_path / "single") if m["kind"] == "train"]
+    two = [m for m in _metrics(tmp_path / "ddp") if m["kind"] == "train"]
+    assert [m["step"] for m in one] == [m["step"] for m in two] and len(one) == 12
+    for a, b in zip(one, two):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-6)
+    sa, sb = _state(tmp_path / "single"), _state(tmp_path / "ddp")
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+    assert single.steps == 12
