@@ -42,3 +42,39 @@ __all__ = [
     "masked_cross_entropy",
     "masked_metrics",
 ]
+
+# Text corpora (:mod:`.text`): the embedded stdlib corpus, local files, a document-level
+# train/validation split, byte-level and locally trained BPE tokenizers, and TextTask.
+from kvshift_lens.data.text import (  # noqa: E402
+    Document,
+    TextTask,
+    encode_documents,
+    is_validation,
+    load_corpus,
+    load_documents,
+    load_tokenizer,
+    resolve_tokenizer,
+    save_tokenizer,
+    split_documents,
+    stdlib_corpus_files,
+    stdlib_root,
+    train_bpe_tokenizer,
+    validation_score,
+)
+
+__all__ += [
+    "Document",
+    "TextTask",
+    "encode_documents",
+    "is_validation",
+    "load_corpus",
+    "load_documents",
+    "load_tokenizer",
+    "resolve_tokenizer",
+    "save_tokenizer",
+    "split_documents",
+    "stdlib_corpus_files",
+    "stdlib_root",
+    "train_bpe_tokenizer",
+    "validation_score",
+]

@@ -35,7 +35,7 @@ from kvshift_lens.checkpoint import CheckpointError
 from kvshift_lens.data.tasks import IGNORE_INDEX
 from kvshift_lens.model import HookedKVShiftTransformer
 from kvshift_lens.train import distributed as dist_utils
-from kvshift_lens.train.config import RunSpec
+from kvshift_lens.train.config import DEFAULT_SHIFT_INIT, RunSpec
 from kvshift_lens.train.state import (
     latest_checkpoint,
     load_checkpoint_state,
@@ -173,6 +173,8 @@ def train(
     task = build_task(spec.task)
     model_cfg = dict(spec.model)
     model_cfg.setdefault("d_vocab", task.d_vocab)
+    if model is None:
+        model_cfg.setdefault("shift_init", DEFAULT_SHIFT_INIT)
     spec.model = model_cfg
     if model_cfg["d_vocab"] < task.d_vocab:
         raise ValueError(
