@@ -276,7 +276,9 @@ class HookedKVShiftTransformer(HookedRootModule):
         if tokens.shape[1] == 0:
             raise ValueError("tokens has an empty position axis (shape "
                              f"{tuple(tokens.shape)}); need at least one token")
-        if tokens.numel():
+        # (Skipped inside torch.compile, where reading the values would break the graph; an
+        # out-of-range id then fails in the embedding lookup instead.)
+        if tokens.numel() and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.cfg.d_vocab:
                 bad = lo if lo < 0 else hi

@@ -185,3 +185,12 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
     assert single.steps == 12
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """torch.compile (slow: compiles C++ kernels on CPU) gives the eager losses."""
+    eager = train(small_spec(steps=4, checkpoint_every=0), tmp_path / "eager")
+    compiled = train(small_spec(steps=4, checkpoint_every=0, compile=True), tmp_path / "compiled")
+    for a, b in zip(eager.evals, compiled.evals):
+        assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-4)
