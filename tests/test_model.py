@@ -237,3 +237,13 @@ def test_config_accepts_dict_and_rejects_other_types():
     assert isinstance(HookedKVShiftTransformer(cfg).cfg, KVShiftConfig)
     with pytest.raises(TypeError, match="cfg must be a KVShiftConfig or dict"):
         HookedKVShiftTransformer("gpt2")
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMS"])
+def test_fused_norm_path_equals_hooked_path(norm):
+    """Norms use fused kernels unless a hook watches their scale; both give the same numbers."""
+    model = build(normalization_type=norm)
+    tokens = _tokens(model.cfg)
+    logits, cache = model.run_with_cache(tokens)  # every hook on: explicit norms and attention
+    assert "blocks.0.ln1.hook_scale" in cache
+    assert_close(model(tokens), logits, rtol=1e-5, atol=1e-5)
