@@ -120,5 +120,6 @@ class RunSpec:
             raise ValueError(f"run spec is missing {sorted(missing)}")
         spec = cls(model=dict(d["model"]), task=dict(d["task"]),
                    train=TrainConfig.from_dict(dict(d["train"])))
-        KVShiftConfig.from_dict({**spec.model, "device": "cpu"})  # validate now, not mid-run
+        # Validate now, not mid-run (d_vocab and n_ctx default to the task's at training time).
+        KVShiftConfig.from_dict({"d_vocab": 2, "n_ctx": 1, **spec.model, "device": "cpu"})
         return spec

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kvshift_lens.checkpoint import CheckpointError
+from kvshift_lens.config import KVShiftConfig
 from kvshift_lens.data.tasks import IGNORE_INDEX
 from kvshift_lens.model import HookedKVShiftTransformer
 from kvshift_lens.train import distributed as dist_utils
@@ -104,6 +105,16 @@ def coefficient_log(model: HookedKVShiftTransformer) -> dict[str, list]:
     return {k: v.tolist() for k, v in model.shift_coefficients().values.items()}
 
 
+# Settings that change how a run executes but not what it computes: a resume may change them.
+_EXECUTION_ONLY = ("progress", "device", "compile", "bf16", "log_every", "checkpoint_every",
+                   "keep_checkpoints")
+
+
+def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    train = {k: v for k, v in spec_dict.get("train", {}).items() if k not in _EXECUTION_ONLY}
+    return {**spec_dict, "train": train}
+
+
 def _check_run_dir(run_dir: Path, spec: RunSpec, resume: bool, overwrite: bool) -> None:
     run_file = run_dir / RUN_FILE
     if run_dir.exists() and not run_dir.is_dir():
@@ -112,9 +123,10 @@ def _check_run_dir(run_dir: Path, spec: RunSpec, resume: bool, overwrite: bool) 
         if resume:
             if not run_file.is_file():
                 raise RunFolderError(f"cannot resume: {run_file} is missing")
-            saved = json.loads(run_file.read_text())
-            if saved != json.loads(json.dumps(spec.to_dict())):
-                diff = sorted(k for k in saved if saved.get(k) != spec.to_dict().get(k))
+            saved = _comparable(json.loads(run_file.read_text()))
+            new = _comparable(json.loads(json.dumps(spec.to_dict())))
+            if saved != new:
+                diff = sorted(k for k in saved if saved.get(k) != new.get(k))
                 raise RunFolderError(
                     f"cannot resume {run_dir}: its run.json differs from this run in {diff}; "
                     "resume with the same settings or use a new folder"
@@ -139,7 +151,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+            if line.strip() and json.loads(line)["step"] <= step
+            and json.loads(line)["kind"] != "summary"]
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -173,6 +186,7 @@ def train(
     task = build_task(spec.task)
     model_cfg = dict(spec.model)
     model_cfg.setdefault("d_vocab", task.d_vocab)
+    model_cfg.setdefault("n_ctx", task.seq_len)
     if model is None:
         model_cfg.setdefault("shift_init", DEFAULT_SHIFT_INIT)
     spec.model = model_cfg
@@ -184,6 +198,7 @@ def train(
     if "n_ctx" in model_cfg and model_cfg["n_ctx"] < task.seq_len:
         raise ValueError(
             f"model n_ctx={model_cfg['n_ctx']} is shorter than the task's seq_len={task.seq_len}")
+    KVShiftConfig.from_dict({**model_cfg, "device": "cpu"})  # a bad config fails before any write
     if cfg.batch_size % ctx.world_size:
         raise ValueError(
             f"batch_size={cfg.batch_size} must be divisible by the number of processes "
@@ -329,6 +344,8 @@ def train(
     elapsed = time.perf_counter() - t0
     if evals[-1]["step"] != step:
         evaluate(step)
+    log({"step": step, "kind": "summary", "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
+         "elapsed_s": elapsed, "steps_to_target": steps_to_target})
     if is_main:
         if not cfg.checkpoint_every or step % cfg.checkpoint_every:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, generators,

@@ -45,7 +45,9 @@ def _state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Training and evaluation records (the closing summary holds wall-clock timings)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] != "summary"]
 
 
 class _Crash(Exception):
