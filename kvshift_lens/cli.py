@@ -1,4 +1,5 @@
-"""The ``kvshift`` command line: ``kvshift train``, ``kvshift sweep`` and ``kvshift eval``.
+"""The ``kvshift`` command line: ``kvshift train``, ``kvshift sweep``, ``kvshift eval`` and
+``kvshift report``.
 
 Every flag is explained by ``--help`` at each level. Mistakes a user can fix (a bad flag or value, a
 missing file, a task the model cannot represent, an existing run folder) end with one line on
@@ -70,6 +71,8 @@ _TRAIN_HELP = {
     "batch_size": "global batch size (split evenly across processes under torchrun)",
     "lr": "peak AdamW learning rate (linear warm-up, then cosine decay)",
     "weight_decay": "AdamW weight decay, on weight matrices only",
+    "shift_lr_scale": "the shift coefficients' learning rate is --lr times this (they live on a scale "
+                      "of 1, the weights on init_range)",
     "betas": "AdamW betas",
     "warmup_steps": "linear learning-rate warm-up steps",
     "min_lr_ratio": "final learning rate as a fraction of --lr (cosine decay target)",
@@ -243,6 +246,24 @@ DIR/<variant>[__<size>]__seed<k>/. Exit code 1 when some run failed (see the sum
 """
 
 
+REPORT_DESCRIPTION = """\
+Write one self-contained HTML file about a run (it works offline): a text summary (steps to the
+target accuracy, the induction phase change, final accuracy, the learned coefficients per head),
+loss and accuracy curves, the final coefficients, their trajectories, the heads in the (alpha1,
+beta1) plane, the loss landscape over that plane for one-layer models with shifted keys and values,
+and circuitsvis attention patterns (plain and effective) and per-token losses on a repeated
+sequence. Also writes PNG and SVG files of the figures beside it (FILE_figures/) when kaleido and
+Chrome/Chromium are installed; the report says when it could not.
+"""
+
+
+def _grid_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 2")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kvshift`` argument parser."""
     from kvshift_lens import __version__
@@ -310,6 +331,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda when available), 'cpu' or 'cuda[:index]'")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", formatter_class=_Formatter, help="write a run's HTML report",
+                       description=REPORT_DESCRIPTION)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (written by kvshift train)")
+    p.add_argument("--out", default=None, metavar="FILE.html",
+                   help="the report file (None: RUN_DIR/report.html)")
+    p.add_argument("--no-static", dest="static", action="store_false", default=True,
+                   help="do not export PNG/SVG files of the figures (they need kaleido and "
+                        "Chrome/Chromium)")
+    p.add_argument("--no-landscape", dest="landscape", action="store_false", default=True,
+                   help="skip the loss landscape (the slowest part)")
+    p.add_argument("--landscape-grid", type=_grid_size, default=15, metavar="N",
+                   help="landscape grid points per axis")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -596,6 +631,28 @@ def cmd_eval(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     metrics = evaluate_model(model, task, batch_size, n_batches, seed, device)
     print(json.dumps({"checkpoint": str(ckpt), "task": task_spec, "batches": n_batches,
                       "batch_size": batch_size, "seed": seed, "metrics": metrics}, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
+    from kvshift_lens.viz.report import ReportError, generate_report
+
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.suffix.lower() not in (".html", ".htm"):
+        raise CLIError(f"--out {out} must name an .html file")
+    try:
+        outcome = generate_report(args.run_dir, out, static=args.static,
+                                  landscape=args.landscape, landscape_grid=args.landscape_grid)
+    except ReportError as e:
+        raise CLIError(str(e)) from None
+    print(f"report: {outcome.path}")
+    if outcome.static is None:
+        print("static figures: not asked for (--no-static)")
+    elif outcome.static.status == "written":
+        print(f"static figures: {outcome.static.directory} ({outcome.static.message})")
+    else:
+        print(f"static figures: {outcome.static.status}: {outcome.static.message}")
+    print(outcome.summary.to_text())
     return 0
 
 

@@ -24,6 +24,10 @@ class TrainConfig:
         batch_size: global batch (split evenly across processes under DDP).
         lr: peak learning rate of AdamW; ``warmup_steps`` linear warm-up, then cosine decay to
             ``lr * min_lr_ratio`` at ``steps``.
+        shift_lr_scale: the shift coefficients' learning rate is ``lr * shift_lr_scale``. Adam
+            moves every parameter by about ``lr`` per step whatever its scale; weights start at
+            ``init_range`` (0.02) while coefficients live on a scale of 1, so at equal ``lr`` a
+            coefficient needs ~1/lr steps to travel from 0 to 1.
         weight_decay: AdamW decay on weight matrices only (never biases, norms or shift
             coefficients: decaying coefficients would pull them towards 0, not towards identity).
         grad_clip: max global gradient norm (0 disables).
@@ -46,6 +50,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
+    shift_lr_scale: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
@@ -76,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if not self.shift_lr_scale > 0:
+            raise ValueError(f"shift_lr_scale={self.shift_lr_scale} must be > 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:

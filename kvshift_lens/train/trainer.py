@@ -81,15 +81,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, cfg) -> list[dict[str, Any]]:
+    """Weight matrices (decayed), other parameters, and shift coefficients (no decay, their own
+    learning-rate scale)."""
+    decay, no_decay, shift = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1].lstrip("_")
-        (decay if leaf.startswith("W_") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if leaf.startswith("shift_"):
+            shift.append(p)
+        else:
+            (decay if leaf.startswith("W_") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if shift:
+        groups.append({"params": shift, "weight_decay": 0.0, "lr": cfg.lr * cfg.shift_lr_scale})
+    return groups
 
 
 def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -213,7 +221,7 @@ def train(
     if model is None:
         model = HookedKVShiftTransformer({**model_cfg, "device": "cpu"}, generator=init_gen)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr,
                                   betas=cfg.betas, fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
