@@ -51,7 +51,9 @@ class KVShiftConfig(TransformerLensConfig):
     ``normalization_type`` "LN" | "RMS" | None (and "LNPre" / "RMSPre": normalisation without
     weights, as after folding); ``act_fn`` gelu | gelu_new | relu | silu with ``gated_mlp`` for
     GLU variants (SwiGLU = ``gated_mlp=True, act_fn="silu"``); ``attn_only``;
-    ``tie_word_embeddings`` (unembedding is ``W_E.T``).
+    ``tie_word_embeddings`` (unembedding is ``W_E.T``); ``parallel_attn_mlp`` (GPT-J / GPT-NeoX
+    parallel residual: ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``,
+    no ``hook_resid_mid``); ``eps`` the norms' epsilon.
 
     KV shift (PAPER.md): ``shift_k`` / ``shift_v`` / ``shift_q`` choose the shifted projections;
     ``shift_window`` w mixes positions t..t-w (w = 1 is the paper); ``shift_param`` "free" (the
@@ -73,6 +75,7 @@ class KVShiftConfig(TransformerLensConfig):
     rotary_dim: int | None = None
     rotary_base: float = 10000.0
     tie_word_embeddings: bool = False
+    parallel_attn_mlp: bool = False
     init_range: float = 0.02
     tokenizer_name: str | None = None
     default_prepend_bos: bool = False
@@ -132,6 +135,9 @@ class KVShiftConfig(TransformerLensConfig):
             self.d_mlp = 4 * self.d_model
         if not self.attn_only and self.d_mlp < 1:
             raise ValueError(f"d_mlp={self.d_mlp} must be >= 1 (or set attn_only=True)")
+        if self.parallel_attn_mlp and self.attn_only:
+            raise ValueError("parallel_attn_mlp=True needs an MLP; it cannot be combined with "
+                             "attn_only=True")
         _check_choice("positional_embedding_type", self.positional_embedding_type,
                       PositionalEmbeddingType)
         if self.normalization_type is not None:

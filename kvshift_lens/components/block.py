@@ -1,7 +1,9 @@
 """A pre-norm transformer block with TransformerLens' residual hooks.
 
 ``resid_pre -> ln1 -> attn -> hook_attn_out -> resid_mid -> ln2 -> mlp -> hook_mlp_out -> resid_post``
-(attention-only blocks skip the MLP and have no ``resid_mid``).
+(attention-only blocks skip the MLP and have no ``resid_mid``). With ``parallel_attn_mlp`` (GPT-NeoX)
+both read ``resid_pre``: ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``,
+and there is no ``resid_mid``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class TransformerBlock(nn.Module):
             self.mlp = MLP(cfg)
             self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]
             self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
-            self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+            if not cfg.parallel_attn_mlp:
+                self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.hook_q_input = HookPoint()  # [batch, pos, head, d_model]
         self.hook_k_input = HookPoint()  # [batch, pos, kv_head, d_model]
         self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model]
@@ -73,6 +76,10 @@ class TransformerBlock(nn.Module):
         attn_out = self.hook_attn_out(self.attn(q_in, k_in, v_in, cache=cache))
         if cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
+        if cfg.parallel_attn_mlp:
+            mlp_in = self.hook_mlp_in(resid_pre.clone()) if cfg.use_hook_mlp_in else resid_pre
+            mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
+            return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_in = self.hook_mlp_in(resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
