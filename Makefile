@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench clean
 
 install: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m kvshift_lens.demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
