@@ -1,0 +1,57 @@
+"""Pictures of KV-shift models: plotly figures, circuitsvis views, the loss landscape and the run
+report (the application layer: it reads models, runs and, for effective patterns, ``probes``).
+
+- :mod:`~kvshift_lens.viz.figures`: functions from plain data (coefficients, metrics records,
+  scores) to ``plotly`` figures; no I/O.
+- :mod:`~kvshift_lens.viz.landscape`: the loss over the (alpha1, beta1) plane and its gradient
+  (PAPER.md item 5), through the coefficient hooks.
+- :mod:`~kvshift_lens.viz.patterns`: circuitsvis attention patterns (plain and effective) and
+  tokens coloured by loss, as offline HTML.
+- :mod:`~kvshift_lens.viz.report`: ``write_report(run_dir)``, one self-contained HTML page per
+  run, plus PNG/SVG exports.
+
+Importing this package imports plotly but neither circuitsvis' bundle nor kaleido.
+"""
+
+from kvshift_lens.viz.figures import (
+    ablation_bars,
+    coefficient_heatmaps,
+    coefficient_plane,
+    coefficient_trajectories,
+    landscape_figure,
+    loss_curves,
+    phase_change_step,
+    score_heatmap,
+    steps_to_accuracy,
+)
+from kvshift_lens.viz.landscape import Landscape, loss_landscape
+from kvshift_lens.viz.patterns import (
+    attention_heads,
+    attention_patterns,
+    colored_tokens,
+    loss_tokens,
+    plain_and_effective,
+)
+from kvshift_lens.viz.report import export_static, generate_report, write_report
+
+__all__ = [
+    "Landscape",
+    "ablation_bars",
+    "attention_heads",
+    "attention_patterns",
+    "coefficient_heatmaps",
+    "coefficient_plane",
+    "coefficient_trajectories",
+    "colored_tokens",
+    "export_static",
+    "generate_report",
+    "landscape_figure",
+    "loss_curves",
+    "loss_landscape",
+    "loss_tokens",
+    "phase_change_step",
+    "plain_and_effective",
+    "score_heatmap",
+    "steps_to_accuracy",
+    "write_report",
+]

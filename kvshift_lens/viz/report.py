@@ -1,0 +1,718 @@
+"""One self-contained HTML report of a training run (``kvshift report RUN_DIR``).
+
+The report reads the run folder (run.json, metrics.jsonl, the final/ model or the latest
+checkpoint) and shows:
+
+- a text summary: steps to the target accuracy (90% unless the run set another), the induction
+  phase change (:func:`~kvshift_lens.viz.figures.phase_change_step`), final accuracy and loss, and
+  the learned coefficients of every head;
+- training loss and evaluation accuracy with the phase change marked;
+- the final model's coefficients (heatmaps), their trajectories, the heads in the (alpha1, beta1)
+  plane;
+- for a one-layer model with shifted keys and values (window 1), the loss landscape of PAPER.md
+  item 5 for each head of the layer (all heads moved together when there are more than
+  :data:`MAX_LANDSCAPE_HEADS`), with the gradient directions, the head's path during training and
+  its final position;
+- circuitsvis views of a repeated random sequence: the layer's attention patterns plain and
+  effective side by side, and the tokens coloured by the model's loss.
+
+Everything is inlined (plotly.js once, the circuitsvis bundle once, the figures' data): the page
+makes no network request. With ``static=True`` each plotly figure is also written as PNG and SVG
+beside the report (``<report stem>_figures/``) through kaleido, which needs a Chrome or Chromium
+binary (found on PATH, or named by ``BROWSER_PATH``); when that is not possible the report says why
+and nothing fails.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+
+from kvshift_lens.viz import figures as F
+from kvshift_lens.viz import patterns as P
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_TARGET = 0.9
+MAX_LANDSCAPE_HEADS = 4
+"""Up to this many key/value heads the report maps one landscape per head; beyond it, one with
+every head of the layer moved together."""
+BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+class ReportError(ValueError):
+    """The folder is not a run folder the report can read."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunData:
+    """What the report reads from a run folder."""
+
+    run_dir: Path
+    spec: dict[str, Any]
+    records: list[dict[str, Any]]
+    model: Any = None
+    model_dir: Path | None = None
+
+    @property
+    def evals(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("kind") == "eval"]
+
+    @property
+    def target_accuracy(self) -> float:
+        return float(self.spec.get("train", {}).get("target_accuracy", DEFAULT_TARGET))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def load_run(run_dir: str | Path, load_model: bool = True) -> RunData:
+    """Read a run folder: run.json, metrics.jsonl and (with ``load_model``) the final model, or
+    the latest checkpoint when training has not finished.
+
+    Raises:
+        ReportError: the folder is missing, or has neither run.json nor metrics.jsonl.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ReportError(f"run folder {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a folder (expected a run folder)")
+    if not (run_dir / METRICS_FILE).is_file():
+        raise ReportError(f"{run_dir} has no {METRICS_FILE}: not a run folder written by "
+                          "`kvshift train`")
+    spec: dict[str, Any] = {}
+    if (run_dir / RUN_FILE).is_file():
+        try:
+            spec = json.loads((run_dir / RUN_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{run_dir / RUN_FILE} is not valid JSON ({e})") from None
+        if not isinstance(spec, dict):
+            raise ReportError(f"{run_dir / RUN_FILE} must hold a JSON object")
+    records = read_metrics(run_dir / METRICS_FILE)
+    if not any(r.get("kind") in ("train", "eval") for r in records):
+        raise ReportError(f"{run_dir / METRICS_FILE} has no training or evaluation records yet")
+    run = RunData(run_dir=run_dir, spec=spec, records=records)
+    if load_model:
+        from kvshift_lens.checkpoint import CONFIG_FILE
+        from kvshift_lens.model import HookedKVShiftTransformer
+        from kvshift_lens.train.state import latest_checkpoint
+
+        final = run_dir / "final"
+        model_dir = final if (final / CONFIG_FILE).is_file() else latest_checkpoint(run_dir)
+        if model_dir is not None:
+            run.model = HookedKVShiftTransformer.from_pretrained(model_dir, device="cpu").eval()
+            run.model_dir = Path(model_dir)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The text summary
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    """The numbers the report (and ``kvshift report``) states about a run."""
+
+    name: str
+    description: str
+    steps: int
+    target_accuracy: float
+    steps_to_target: float | None
+    phase_change: float | None
+    final_accuracy: float | None
+    final_loss: float | None
+    coefficients: dict[str, list] = field(default_factory=dict)
+    """``{which: [layer][head][lag]}``: the final model's (or the last evaluation's)."""
+
+    def head_rows(self) -> list[tuple[str, dict[str, float]]]:
+        """``[("L0H1", {"α1": ..., "α2": ..., "β1": ..., ...}), ...]``."""
+        if not self.coefficients:
+            return []
+        first = next(iter(self.coefficients.values()))
+        rows = []
+        for layer, heads in enumerate(first):
+            for head in range(len(heads)):
+                values = {}
+                for which, c in self.coefficients.items():
+                    for lag, v in enumerate(c[layer][head]):
+                        values[F.coefficient_label(which, lag)] = float(v)
+                rows.append((F.head_label(layer, head), values))
+        return rows
+
+    def induction_head(self) -> str | None:
+        """The head nearest the paper's induction point (alpha1, beta1) = (0, 1)."""
+        rows = [(label, v) for label, v in self.head_rows() if "α1" in v and "β1" in v]
+        if not rows:
+            return None
+        ax, by = F.INDUCTION_POINT
+        return min(rows, key=lambda r: math.hypot(r[1]["α1"] - ax, r[1]["β1"] - by))[0]
+
+    def to_text(self) -> str:
+        def fmt(x: float | None, spec: str = ".4f") -> str:
+            return "n/a" if x is None else format(x, spec)
+
+        reached = (f"step {self.steps_to_target:g}" if self.steps_to_target is not None
+                   else f"not reached in {self.steps} steps")
+        lines = [
+            f"run: {self.name} ({self.description})",
+            f"steps to {self.target_accuracy:.0%} accuracy: {reached}",
+            "induction phase change: " + (f"~ step {self.phase_change:g}"
+                                          if self.phase_change is not None else "none seen"),
+            f"final (step {self.steps}): accuracy {fmt(self.final_accuracy)}, "
+            f"loss {fmt(self.final_loss)}",
+        ]
+        rows = self.head_rows()
+        if rows:
+            names = list(rows[0][1])
+            lines.append("learned shift coefficients: " + "  ".join(f"{n:>6}" for n in names))
+            best = self.induction_head()
+            for label, values in rows:
+                mark = "  <- nearest the induction point (0, 1)" if label == best else ""
+                lines.append(f"  {label:<26}" + "  ".join(f"{values[n]:6.3f}" for n in names)
+                             + mark)
+        else:
+            lines.append("shift coefficients: none (vanilla attention)")
+        return "\n".join(lines)
+
+
+def describe_model(spec: Mapping[str, Any], model: Any = None) -> str:
+    """``"1 layer, d_model 64, 4 heads, shift kv (window 1), attention only"``."""
+    m = dict(spec.get("model", {}))
+    if model is not None:
+        cfg = model.cfg
+        m.update(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                 shift_k=cfg.shift_k, shift_v=cfg.shift_v, shift_q=cfg.shift_q,
+                 shift_window=cfg.shift_window, attn_only=cfg.attn_only)
+    layers = m.get("n_layers", "?")
+    shifted = "".join(w for w in "qkv" if m.get(f"shift_{w}", w in "kv"))
+    parts = [f"{layers} layer{'s' if layers != 1 else ''}", f"d_model {m.get('d_model', '?')}"]
+    if m.get("n_heads") not in (None, -1):
+        parts.append(f"{m['n_heads']} heads")
+    parts.append(f"shift {shifted} (window {m.get('shift_window', 1)})" if shifted
+                 else "vanilla attention")
+    if m.get("attn_only"):
+        parts.append("attention only")
+    task = spec.get("task", {}).get("name")
+    if task:
+        parts.append(f"task {task}")
+    return ", ".join(parts)
+
+
+def summarize_run(run: RunData) -> RunSummary:
+    """The text summary of a run (see :class:`RunSummary`)."""
+    evals = [r for r in run.evals if "eval/accuracy" in r]
+    steps = [r["step"] for r in evals]
+    acc = [r["eval/accuracy"] for r in evals]
+    last_step = max((int(r.get("step", 0)) for r in run.records), default=0)
+    coeffs: dict[str, list] = {}
+    if run.model is not None:
+        coeffs = {k: v.tolist() for k, v in run.model.shift_coefficients().values.items()}
+    elif run.evals and run.evals[-1].get("coefficients"):
+        coeffs = run.evals[-1]["coefficients"]
+    return RunSummary(
+        name=run.run_dir.name,
+        description=describe_model(run.spec, run.model),
+        steps=last_step,
+        target_accuracy=run.target_accuracy,
+        steps_to_target=F.first_step_reaching(steps, acc, run.target_accuracy) if acc else None,
+        phase_change=F.phase_change_step(steps, acc) if acc else None,
+        final_accuracy=acc[-1] if acc else None,
+        final_loss=evals[-1].get("eval/loss") if evals else None,
+        coefficients=coeffs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures and views
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    """One entry of the report: a plotly figure or a circuitsvis view, with its caption."""
+
+    name: str
+    title: str
+    caption: str
+    figure: go.Figure | None = None
+    view: P.CircuitsVisHTML | None = None
+
+
+def _synthetic_task(run: RunData):
+    from kvshift_lens.train.tasks import build_task
+
+    task_spec = run.spec.get("task")
+    if not isinstance(task_spec, dict) or task_spec.get("name") in (None, "text"):
+        return None
+    try:
+        return build_task(dict(task_spec))
+    except (ValueError, TypeError):
+        return None
+
+
+def _landscape_task(run: RunData):
+    from kvshift_lens.data.tasks import InductionTask
+
+    task = _synthetic_task(run)
+    if task is not None and getattr(task, "name", None) == "induction":
+        return task, "the run's induction task"
+    cfg = run.model.cfg
+    seq_len = min(cfg.n_ctx, 64)
+    return (InductionTask(d_vocab=min(cfg.d_vocab, 64), seq_len=seq_len),
+            f"an induction task (d_vocab {min(cfg.d_vocab, 64)}, seq_len {seq_len})")
+
+
+def landscape_items(run: RunData, grid: int = 15, n_sequences: int = 16,
+                    seed: int = 0) -> tuple[list[Item], list[str]]:
+    """The loss-landscape figures of a one-layer model with shifted keys and values, or notes
+    saying why there are none."""
+    from kvshift_lens.viz.landscape import loss_landscape
+
+    model = run.model
+    if model is None:
+        return [], ["no model in the run folder, so no loss landscape"]
+    cfg = model.cfg
+    if not (cfg.n_layers == 1 and cfg.shift_k and cfg.shift_v and cfg.shift_window == 1):
+        return [], ["the loss landscape is drawn for one-layer models with shifted keys and "
+                    "values (window 1); this model is: " + describe_model(run.spec, model)]
+    task, task_note = _landscape_task(run)
+    steps, coeffs = F.eval_coefficients(run.evals) if run.evals else ([], {})
+    n_kv = cfg.n_key_value_heads
+    groups = [[h] for h in range(n_kv)] if n_kv <= MAX_LANDSCAPE_HEADS else [list(range(n_kv))]
+    items = []
+    for heads in groups:
+        t0 = time.perf_counter()
+        land = loss_landscape(model, task, layer=0, heads=heads, grid=grid,
+                              n_sequences=n_sequences, seed=seed)
+        paths = {}
+        if "k" in coeffs and "v" in coeffs:
+            for h in heads:
+                paths[F.head_label(0, h)] = (coeffs["k"][:, 0, h, 0].tolist(),
+                                             coeffs["v"][:, 0, h, 0].tolist())
+        name = f"landscape_L0H{heads[0]}" if len(heads) == 1 else "landscape_L0"
+        which = (f"head {heads[0]}" if len(heads) == 1 else "all heads together")
+        lo, hi = land.argmin()
+        items.append(Item(
+            name=name, title=f"Loss landscape, layer 0, {which}",
+            caption=(f"Masked loss on {land.n_sequences} sequences of {task_note} with "
+                     f"(α1, α2, β1, β2) = (a, 1 - a, b, 1 - b) set through the coefficient hooks "
+                     f"for {which} (other heads keep their learned coefficients); arrows point "
+                     f"down the gradient. A head's marker is its learned (α1, β1), its line the "
+                     f"path during training; its learned α2 and β2 need not be 1 - α1 and 1 - β1. "
+                     f"Lowest loss on the grid: {float(land.loss.min()):.3f} "
+                     f"at (α1, β1) = ({lo:.2f}, {hi:.2f}); the trained model's loss is "
+                     f"{land.model_loss:.3f}. Computed in {time.perf_counter() - t0:.1f} s."),
+            figure=F.landscape_figure(land, paths=paths)))
+    return items, []
+
+
+def _pattern_sequence(run: RunData, seed: int):
+    from kvshift_lens.data.tasks import RepeatedTokensTask
+
+    cfg = run.model.cfg
+    task = _synthetic_task(run)
+    d_vocab = task.d_vocab if task is not None else cfg.d_vocab
+    bos = bool(getattr(task, "bos", False))
+    n_content = d_vocab - bos
+    run_length = max(2, min(16, (cfg.n_ctx - bos) // 2))
+    distinct = run_length <= n_content
+    seq_task = RepeatedTokensTask(d_vocab=d_vocab, run_length=run_length, n_repeats=2,
+                                  distinct=distinct, bos=bos)
+    tokens = seq_task.sample(1, torch.Generator().manual_seed(seed)).tokens[0]
+    return tokens, (0 if bos else None), run_length
+
+
+def circuit_items(run: RunData, seed: int = 0, max_len: int = 64) -> tuple[list[Item], list[str]]:
+    """circuitsvis views on a repeated random sequence: plain and effective attention patterns of
+    every layer, and the tokens coloured by the model's loss."""
+    model = run.model
+    if model is None:
+        return [], ["no model in the run folder, so no attention patterns"]
+    tokens, bos, run_length = _pattern_sequence(run, seed)
+    strs = P.token_strings(tokens, model, bos_token=bos)
+    items = []
+    described = (f"a random run of {run_length} tokens written twice"
+                 + (" after a BOS token" if bos is not None else ""))
+    for layer in range(model.cfg.n_layers):
+        items.append(Item(
+            name=f"patterns_L{layer}", title=f"Attention patterns, layer {layer}",
+            caption=(f"On {described}. Left: attention over positions (hook_pattern). Right: the "
+                     "effective pattern over source tokens, A_eff[i, j] = β1 A[i, j] + β2 "
+                     "A[i, j+1] (values only; absent when values are not shifted). Click a "
+                     "thumbnail to enlarge a head; hover a cell for the tokens."),
+            view=P.plain_and_effective(model, tokens, layer=layer, token_strs=strs,
+                                       max_len=max_len)))
+    with torch.no_grad():
+        per_token = model(tokens[None], return_type="loss", loss_per_token=True)[0]
+    second = per_token[len(tokens) - run_length - 1:]
+    items.append(Item(
+        name="loss_tokens", title="Tokens coloured by loss",
+        caption=(f"The same sequence; each token is shaded by the loss of predicting it (darker: "
+                 f"higher, up to {float(per_token.max()):.2f} nats). An induction model predicts "
+                 f"the repeat: mean loss {float(per_token[: len(tokens) - run_length - 1].mean()):.2f}"
+                 f" on the first run, {float(second.mean()):.2f} on the second."),
+        view=P.loss_tokens(strs if model.tokenizer is not None else [f" {s}" for s in strs],
+                           per_token, max_len=max_len)))
+    return items, []
+
+
+def run_items(run: RunData, landscape: bool = True, landscape_grid: int = 15,
+              n_sequences: int = 16, seed: int = 0) -> tuple[list[Item], list[str]]:
+    """Every figure and view of the report, and notes on what was left out."""
+    items: list[Item] = []
+    notes: list[str] = []
+    target = run.target_accuracy
+    items.append(Item(
+        name="loss_accuracy", title="Training loss and accuracy",
+        caption=("Training loss (solid), evaluation loss (dotted) and evaluation accuracy (red, "
+                 "right axis). Dashed green: the induction phase change, the middle of the "
+                 "evaluation interval where accuracy rises fastest (none is drawn when accuracy "
+                 f"never rises by 0.2). Dotted purple: the first evaluation at {target:.0%}."),
+        figure=F.loss_curves(run.records, target=target)))
+    coefficients = None
+    if run.model is not None and run.model.shift_coefficients().values:
+        coefficients = run.model.shift_coefficients()
+    elif run.evals and run.evals[-1].get("coefficients"):
+        coefficients = run.evals[-1]["coefficients"]
+    if coefficients is not None:
+        items.append(Item(
+            name="coefficients", title="Learned shift coefficients",
+            caption=("Every head's coefficients at the end of training, layer × head, one panel "
+                     "per coefficient: α multiplies keys, β values; α1 the current position, α2 "
+                     "the previous one. Vanilla attention is α1 = β1 = 1, α2 = β2 = 0; the "
+                     "paper's one-layer induction head α1 = 0, α2 = 1, β1 = 1, β2 = 0."),
+            figure=F.coefficient_heatmaps(coefficients,
+                                          title="Shift coefficients of the final model")))
+        if any(r.get("coefficients") for r in run.evals):
+            items.append(Item(
+                name="trajectories", title="Coefficients during training",
+                caption="Each head's coefficients at every evaluation.",
+                figure=F.coefficient_trajectories(run.evals)))
+            logged = F.as_coefficient_arrays(
+                next(r for r in run.evals if r.get("coefficients"))["coefficients"])
+            if "k" in logged and "v" in logged:
+                items.append(Item(
+                    name="plane", title="Heads in the (α1, β1) plane",
+                    caption=("Each head's (α1, β1) at every evaluation, from the open circle "
+                             "(first evaluation) to the large marker (last). The star is the "
+                             "induction point (0, 1), the square vanilla attention (1, 1)."),
+                    figure=F.coefficient_plane(run.evals)))
+    else:
+        notes.append("the model has no shifted projection, so there are no coefficient figures")
+    if landscape and coefficients is not None:
+        more, why = landscape_items(run, grid=landscape_grid, n_sequences=n_sequences, seed=seed)
+        items += more
+        notes += why
+    more, why = circuit_items(run, seed=seed)
+    items += more
+    notes += why
+    return items, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Static export
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StaticExport:
+    """What :func:`export_static` did: ``status`` is "written", "skipped" or "failed"."""
+
+    status: str
+    message: str
+    directory: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def find_browser() -> str | None:
+    """A Chrome/Chromium binary for kaleido: ``BROWSER_PATH`` when set, else the first of
+    :data:`BROWSER_NAMES` on PATH."""
+    env = os.environ.get("BROWSER_PATH")
+    if env:
+        return env if Path(env).is_file() else None
+    for name in BROWSER_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def export_static(
+    figures: Mapping[str, go.Figure],
+    out_dir: str | Path,
+    formats: Sequence[str] = ("png", "svg"),
+    browser: str | None = None,
+    width: int = 1000,
+    timeout: float = 120,
+) -> StaticExport:
+    """Write every figure as ``out_dir/<name>.<format>`` with kaleido (one browser session for
+    all). Never raises for a missing or failing exporter: the result says what happened.
+
+    Args:
+        figures: ``{name: figure}``; names become file names.
+        browser: the Chrome/Chromium binary (default :func:`find_browser`).
+        width: image width in pixels for figures that set none (heights are the figures' own,
+            else 500).
+        timeout: seconds allowed per image.
+    """
+    if not figures:
+        return StaticExport("skipped", "no figures to export")
+    try:
+        import kaleido
+    except ImportError:
+        return StaticExport("skipped", "kaleido is not installed (pip install kaleido); no PNG/SVG "
+                                       "files were written")
+    browser = browser or find_browser()
+    if browser is None:
+        return StaticExport("skipped", "kaleido needs Chrome or Chromium and none was found (install "
+                                       "the Debian package chromium, or set BROWSER_PATH); no "
+                                       "PNG/SVG files were written")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs, files = [], []
+    for name, fig in figures.items():
+        size = {"width": fig.layout.width or width, "height": fig.layout.height or 500}
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            files.append(path)
+            jobs.append({"fig": fig, "path": str(path), "opts": {"format": fmt, **size}})
+    t0 = time.perf_counter()
+    try:
+        # mathjax=False: kaleido would otherwise load MathJax from a CDN; plotly.js comes from
+        # the plotly package on disk.
+        kaleido.write_fig_from_object_sync(
+            jobs, kopts={"path": browser, "mathjax": False, "timeout": timeout},
+            cancel_on_error=True)
+    except Exception as e:  # noqa: BLE001 - any exporter failure becomes a note, never a crash
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+        logger.warning("static export failed: %s", message)
+        return StaticExport("failed", f"static export with kaleido failed ({message}); no "
+                                      "PNG/SVG files were written", out)
+    missing = [p for p in files if not p.is_file() or p.stat().st_size == 0]
+    if missing:
+        logger.warning("static export wrote no %s", ", ".join(p.name for p in missing))
+        return StaticExport("failed", f"kaleido did not write {len(missing)} of {len(files)} "
+                                      "files", out, [p for p in files if p not in missing])
+    logger.info("wrote %d static images to %s in %.1f s", len(files), out, time.perf_counter() - t0)
+    return StaticExport("written", f"{len(files)} files ({', '.join(formats).upper()}) written "
+                                   f"with kaleido and {browser}", out, files)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML page
+# ---------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #222;
+       background: #fafafa; }
+main { max-width: 1180px; margin: 0 auto; padding: 24px 32px 64px; background: white; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+h4 { margin: 0.4em 0; font-weight: 600; }
+p.caption { color: #555; font-size: 0.92em; max-width: 60em; }
+pre.summary { background: #f4f4f4; padding: 12px 16px; border-radius: 4px; overflow-x: auto; }
+table.coeffs { border-collapse: collapse; font-variant-numeric: tabular-nums; }
+table.coeffs td, table.coeffs th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; }
+table.coeffs tr.induction { background: #fff3cd; }
+.note { color: #8a5a00; }
+.static a { margin-right: 0.8em; }
+"""
+
+
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return P._script_safe(get_plotlyjs())
+
+
+def _figure_html(item: Item) -> str:
+    return item.figure.to_html(
+        full_html=False, include_plotlyjs=False, div_id=f"fig-{item.name}",
+        default_width="100%", config={"displaylogo": False, "responsive": True})
+
+
+def _coefficient_table(summary: RunSummary) -> str:
+    rows = summary.head_rows()
+    if not rows:
+        return ""
+    names = list(rows[0][1])
+    best = summary.induction_head()
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    body = "".join(
+        f'<tr{" class=induction" if label == best else ""}><th>{label}</th>'
+        + "".join(f"<td>{values[n]:.3f}</td>" for n in names) + "</tr>" for label, values in rows)
+    note = (f"<p class=caption>Highlighted: {best}, the head nearest the induction point "
+            "(α1, β1) = (0, 1).</p>" if best else "")
+    return f"<table class=coeffs><tr><th>head</th>{head}</tr>{body}</table>{note}"
+
+
+def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes: Sequence[str],
+                static: StaticExport | None, out_path: Path) -> str:
+    """The report page: one HTML document with every script inlined."""
+    sections = []
+    for item in items:
+        if item.figure is not None:
+            content = _figure_html(item)
+        else:
+            content = item.view.body
+        links = ""
+        if static is not None and static.directory is not None:
+            here = [p for p in static.files if p.stem == item.name and p.is_file()]
+            if here:
+                links = "<p class=static>" + "".join(
+                    f'<a href="{html.escape(os.path.relpath(p, out_path.parent))}">'
+                    f"{p.suffix[1:].upper()}</a>" for p in here) + "</p>"
+        sections.append(f'<section id="{item.name}"><h2>{html.escape(item.title)}</h2>'
+                        f"<p class=caption>{html.escape(item.caption)}</p>{content}{links}"
+                        "</section>")
+    if static is None:
+        static_text = "Static export (PNG/SVG) was not asked for (--no-static)."
+    else:
+        static_text = f"Static export: {static.status}: {static.message}."
+        if static.status == "written" and static.directory is not None:
+            static_text += f" Folder: {os.path.relpath(static.directory, out_path.parent)}/"
+    static_class = "note" if static is not None and static.status != "written" else ""
+    notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    model_note = (f"Model: {run.model_dir}" if run.model_dir is not None
+                  else "No model was found in the run folder.")
+    from kvshift_lens import __version__
+
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kvshift report: {html.escape(summary.name)}</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{_plotly_js()}</script>
+{P.circuitsvis_script()}
+</head>
+<body>
+<main>
+<h1>Run report: {html.escape(summary.name)}</h1>
+<p class=caption>{html.escape(summary.description)}. {html.escape(model_note)}</p>
+<section id="summary"><h2>Summary</h2>
+<pre class=summary>{html.escape(summary.to_text())}</pre>
+{_coefficient_table(summary)}
+</section>
+{"".join(sections)}
+<section id="notes"><h2>Notes</h2>
+<ul><li class="{static_class}">{html.escape(static_text)}</li>
+{notes_html}</ul>
+<p class=caption>Generated by kvshift_lens {__version__}. Every script is inlined: the page works
+offline.</p>
+</section>
+</main>
+</body>
+</html>
+"""
+
+
+@dataclass
+class ReportOutcome:
+    """What :func:`generate_report` wrote."""
+
+    path: Path
+    summary: RunSummary
+    static: StaticExport | None
+    items: list[str]
+    notes: list[str]
+
+
+def generate_report(
+    run_dir: str | Path,
+    out_path: str | Path | None = None,
+    static: bool = True,
+    landscape: bool = True,
+    landscape_grid: int = 15,
+    n_sequences: int = 16,
+    seed: int = 0,
+) -> ReportOutcome:
+    """Write the report of a run folder (see the module docstring) and say what was written.
+
+    Args:
+        run_dir: the run folder.
+        out_path: the HTML file (default ``RUN_DIR/report.html``).
+        static: also write PNG/SVG of each plotly figure to ``<out stem>_figures/``.
+        landscape: compute the loss landscape (one-layer K+V-shifted models).
+        landscape_grid: grid points per axis of the landscape.
+        n_sequences: induction sequences the landscape's loss averages over.
+        seed: seed of the landscape batch and the example sequence.
+
+    Raises:
+        ReportError: ``run_dir`` is not a readable run folder.
+    """
+    run = load_run(run_dir)
+    out = Path(out_path) if out_path is not None else run.run_dir / "report.html"
+    if out.exists() and out.is_dir():
+        raise ReportError(f"--out {out} is a folder; give a file name such as report.html")
+    t0 = time.perf_counter()
+    summary = summarize_run(run)
+    items, notes = run_items(run, landscape=landscape, landscape_grid=landscape_grid,
+                             n_sequences=n_sequences, seed=seed)
+    logger.info("built %d report items in %.1f s", len(items), time.perf_counter() - t0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    exported = None
+    if static:
+        exported = export_static({i.name: i.figure for i in items if i.figure is not None},
+                                 out.parent / f"{out.stem}_figures")
+    page = render_html(run, summary, items, notes, exported, out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return ReportOutcome(path=out, summary=summary, static=exported,
+                         items=[i.name for i in items], notes=notes)
+
+
+def write_report(run_dir: str | Path, out_path: str | Path | None = None, static: bool = True,
+                 **kwargs: Any) -> Path:
+    """Write the report of a run folder; returns the HTML file's path (see
+    :func:`generate_report` for the options)."""
+    return generate_report(run_dir, out_path, static=static, **kwargs).path
+
+
+__all__ = [
+    "ReportError",
+    "ReportOutcome",
+    "RunData",
+    "RunSummary",
+    "StaticExport",
+    "export_static",
+    "find_browser",
+    "generate_report",
+    "load_run",
+    "summarize_run",
+    "write_report",
+]
