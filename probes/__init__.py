@@ -7,9 +7,38 @@ Probes read models through TransformerLens hooks and, where present, the model's
   in-context-learning scores, on the plain pattern or the effective (source) pattern.
 - :mod:`probes.effective`: the effective source pattern of a shifted head (values and keys).
 - :mod:`probes.taxonomy`: head classification from scores and coefficients.
+- :mod:`probes.ablation`: zero / mean head ablations and removing a head's key or value shift,
+  all through hooks, with their effect on the task's loss and accuracy.
+- :mod:`probes.patching`: activation patching over full hook names (the shift hooks and the
+  coefficients included).
+- :mod:`probes.linear`: linear probes for the previous token's identity.
+- :mod:`probes.composition`: Q/K/V composition scores with a random baseline (vanilla models).
 """
 
+from probes.ablation import (
+    Ablation,
+    AblationEffect,
+    AblationTable,
+    ablate_each_head,
+    ablate_each_shift,
+    ablation_effect,
+    head_means,
+    mean_ablate_head,
+    remove_key_shift,
+    remove_shift,
+    remove_value_shift,
+    zero_ablate_head,
+)
+from probes.composition import (
+    CompositionResult,
+    all_composition_scores,
+    composition_report,
+    composition_scores_from_weights,
+    random_composition_baseline,
+)
 from probes.effective import effective_key_sources, effective_pattern, key_source_weights
+from probes.linear import ProbeResult, default_sites, fit_logistic, previous_token_probe
+from probes.patching import NamePatchResult, patch_by_name, run_with_patches
 from probes.scores import (
     HeadScores,
     SourcePatterns,
@@ -36,6 +65,30 @@ from probes.taxonomy import (
 )
 
 __all__ = [
+    "Ablation",
+    "AblationEffect",
+    "AblationTable",
+    "CompositionResult",
+    "NamePatchResult",
+    "ProbeResult",
+    "ablate_each_head",
+    "ablate_each_shift",
+    "ablation_effect",
+    "all_composition_scores",
+    "composition_report",
+    "composition_scores_from_weights",
+    "default_sites",
+    "fit_logistic",
+    "head_means",
+    "mean_ablate_head",
+    "patch_by_name",
+    "previous_token_probe",
+    "random_composition_baseline",
+    "remove_key_shift",
+    "remove_shift",
+    "remove_value_shift",
+    "run_with_patches",
+    "zero_ablate_head",
     "DUPLICATE_TOKEN_THRESHOLD",
     "INDUCTION_THRESHOLD",
     "KEY_SHIFT_THRESHOLD",
