@@ -39,6 +39,8 @@ def shift(
     """
     n_lags = coeffs.shape[-1]
     c = coeffs.to(x.dtype)
+    if past is None and n_lags > 1:
+        return _Shift.apply(x, c)
     out = x * c[:, 0, None]
     if n_lags == 1:
         return out
@@ -53,6 +55,36 @@ def shift(
         src = full[:, n_past + first - lag : n_past + pos - lag]
         out[:, first:].addcmul_(src, c[:, lag, None])
     return out
+
+
+class _Shift(torch.autograd.Function):
+    """The shift with a hand-written backward: the same maths as the slicing code path, without the
+    zero-filled gradient buffers that autograd allocates for each slice (a few % of a training step
+    on CPU). Gradients: ``dx[t] = sum_l c_l g[t + l]``, ``dc_l = sum_{b,t,d} g[t] x[t - l]``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, c: Tensor) -> Tensor:
+        ctx.save_for_backward(x, c)
+        out = x * c[:, 0, None]
+        pos = x.shape[1]
+        for lag in range(1, min(c.shape[1], pos)):
+            out[:, lag:].addcmul_(x[:, : pos - lag], c[:, lag, None])
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, c = ctx.saved_tensors
+        pos = x.shape[1]
+        dx = dc = None
+        if ctx.needs_input_grad[0]:
+            dx = g * c[:, 0, None]
+            for lag in range(1, min(c.shape[1], pos)):
+                dx[:, : pos - lag].addcmul_(g[:, lag:], c[:, lag, None])
+        if ctx.needs_input_grad[1]:
+            dc = torch.zeros_like(c)
+            for lag in range(min(c.shape[1], pos)):  # (einsum is 3x slower here on CPU)
+                dc[:, lag] = (g[:, lag:] * x[:, : pos - lag]).sum((0, 1, 3))
+        return dx, dc
 
 
 def project_to_simplex(v: Float[Tensor, "... lag"]) -> Float[Tensor, "... lag"]:

@@ -122,3 +122,16 @@ def test_effective_pattern_window_one_formula():
     assert_close(eff, expected)
     with pytest.raises(ValueError, match="value_coeffs has 2 heads, pattern has 1"):
         effective_pattern(a, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("lags,pos", [(2, 5), (3, 4), (4, 2)])
+def test_shift_gradients_match_autograd_of_the_loops(lags, pos):
+    """The hand-written backward equals autograd through the loop reference (and gradcheck)."""
+    x = torch.randn(2, pos, 3, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(3, lags, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, pos, 3, 4, dtype=torch.float64)
+    dx, dc = torch.autograd.grad((shift(x, c) * g).sum(), (x, c))
+    rx, rc = torch.autograd.grad((_loop_shift(x, c) * g).sum(), (x, c))
+    assert_close(dx, rx)
+    assert_close(dc, rc)
+    assert torch.autograd.gradcheck(shift, (x, c))
