@@ -370,7 +370,7 @@ def test_freeze_all_but_shift_trains_only_coefficients(tmp_path):
     assert trainable == [f"blocks.{l}.attn.shift_{w}" for l in range(2) for w in "kv"]
     spec = spec_for_model(model, dict(name="induction", d_vocab=VOCAB, seq_len=32), TrainConfig(
         steps=60, batch_size=16, lr=0.1, warmup_steps=0, eval_every=60, eval_batches=2,
-        progress=False, device="cpu"))
+        progress=False, device="cpu", shift_lr_scale=1.0))  # lr already sized for the coefficients
     assert spec.model == model.cfg.to_dict()
     result = train(spec, tmp_path / "run", model=model)
     after = result.model.state_dict()
