@@ -4,9 +4,12 @@
     .venv/bin/python benchmarks/speed.py --quick    # smoke test
 
 Every number printed is a ratio of two variants timed in the same process, interleaved: each
-round times ``--steps`` consecutive calls of every variant (the order alternates between rounds),
-the round's ratio is taken, and the median over ``--repeats`` rounds is reported with its min-max
-spread. Absolute times depend on the machine and its load; only the ratios are meant to be read.
+round runs every variant ``--steps`` times (the order rotates from round to round), the round's
+ratio is taken, and the median over ``--repeats`` rounds is reported with its quartiles, the ratio
+of the two variants' fastest rounds, and the median ratio of CPU time. Absolute times depend on
+the machine and its load; only the ratios are meant to be read. The run ends by saying how busy
+other processes kept the CPUs meanwhile; above 10% the timing ratios are not to be trusted.
+``KVSHIFT_BENCH_THREADS`` (or ``--threads``) sets torch's thread count, 2 by default.
 
 What is compared (BENCHMARKS.md has the full story and the goals):
 
@@ -33,7 +36,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -191,47 +193,67 @@ def train_step(model: nn.Module, tokens: Tensor, ours: bool) -> Callable[[], Non
 
 
 def time_side_by_side(variants: dict[str, Callable[[], None]], steps: int, repeats: int,
-                      warmup: int) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one entry per round; variants interleaved per round,
-    in an order that is reversed every other round."""
+                      warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call of each variant, one entry per round, as wall-clock time (``"wall"``)
+    and as this process' CPU time (``"cpu"``, all threads). Each round runs every variant
+    ``steps`` times; the order rotates from round to round so no variant always goes first."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     names = list(variants)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
     try:
         for r in range(repeats):
-            order = names if r % 2 == 0 else names[::-1]
+            k = r % len(names)
+            order = names[k:] + names[:k]
+            if (r // len(names)) % 2:
+                order = order[::-1]
             for name in order:
                 fn = variants[name]
                 gc.collect()
                 gc.disable()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(steps):
                     fn()
-                out[name].append((time.perf_counter() - t0) / steps)
+                wall[name].append((time.perf_counter() - t0) / steps)
+                cpu[name].append((time.process_time() - c0) / steps)
                 gc.enable()
     finally:
         if gc_was_enabled:
             gc.enable()
-    return out
+    return {"wall": wall, "cpu": cpu}
 
 
-def ratio_stats(times: dict[str, list[float]], num: str, den: str) -> tuple[float, float, float]:
-    """Median, min and max over rounds of the per-round ratio num / den."""
-    rs = [a / b for a, b in zip(times[num], times[den])]
-    return statistics.median(rs), min(rs), max(rs)
+def ratio_stats(times: dict[str, dict[str, list[float]]], num: str,
+                den: str) -> tuple[float, float, float, float, float]:
+    """Wall-clock ratio num / den: median over rounds of the per-round ratio, its lower and upper
+    quartiles, and the ratio of the two variants' fastest rounds (the least disturbed by other
+    load); then the median per-round ratio of CPU time."""
+    wall, cpu = times["wall"], times["cpu"]
+    rs = sorted(a / b for a, b in zip(wall[num], wall[den]))
+    q1, _, q3 = statistics.quantiles(rs, n=4, method="inclusive") if len(rs) > 1 else rs * 3
+    cpu_ratio = statistics.median(a / b for a, b in zip(cpu[num], cpu[den]))
+    return statistics.median(rs), q1, q3, min(wall[num]) / min(wall[den]), cpu_ratio
 
 
 # ---------------------------------------------------------------------------------- memory
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _proc_status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident high-water mark) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current resident set (Linux >= 4.0); False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _forward_call(model: HookedKVShiftTransformer, variant: str, tokens: Tensor):
@@ -251,37 +273,57 @@ def _profiler_peak(fn: Callable[[], object]) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     del result
-    events = [e for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda e: e.time_range.start)
+    # Every allocation and free, signed, in time order (kineto's raw "[memory]" events; the
+    # aggregated prof.events() folds allocations into the op that made them).
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]"]
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, nbytes in sorted(events):
+        live += nbytes
         peak = max(peak, live)
     return peak
 
 
 def _mem_worker(variant: str, attn_only: bool, threads: int) -> None:
-    """Run in a fresh process: build the model, warm the code path up on a tiny input, then
-    measure how far the process' resident set rises above its pre-call level during one call."""
+    """Run in a fresh process: build the model, run the call once to warm it up, reset the
+    resident-set high-water mark, and measure how far the resident set rises above its pre-call
+    level during one more call. Prints one JSON line."""
     torch.set_num_threads(threads)
     model = make_ours(attn_only, shift_on=True)
     tokens = tokens_for()
+    can_reset = _reset_peak_rss()
     with torch.no_grad():
-        _forward_call(model, variant, tokens_for(1, 8))  # lazy init, not the measured size
+        # Warm-up: at the measured size when the high-water mark can be reset afterwards; else on
+        # a tiny input, so that the warm-up's own peak stays below the measured call's.
+        warm = _forward_call(model, variant, tokens if can_reset else tokens_for(1, 8))
+        del warm
         gc.collect()
-        base, hw_before = _rss_bytes(), _maxrss_bytes()
+        if can_reset:
+            _reset_peak_rss()
+        base, hw_before = _proc_status_bytes("VmRSS"), _proc_status_bytes("VmHWM")
         result = _forward_call(model, variant, tokens)
-        hw_after = _maxrss_bytes()
+        hw_after = _proc_status_bytes("VmHWM")
+        cached = _cached_bytes(result[1]) if isinstance(result, tuple) else 0
         del result
         gc.collect()
         prof_peak = _profiler_peak(lambda: _forward_call(model, variant, tokens))
     print(json.dumps({
         "rss_peak_increase": hw_after - base,
-        # If the call never rose above the earlier high-water mark, the rss number is only an
-        # upper bound; the parent reports that.
-        "rss_valid": hw_after > hw_before,
+        # Without a reset, a call that never rose above the earlier high-water mark gives only an
+        # upper bound; the parent says so.
+        "rss_valid": can_reset or hw_after > hw_before,
         "profiler_peak": prof_peak,
+        "cached_bytes": cached,
     }))
+
+
+def _cached_bytes(cache) -> int:
+    """Bytes of the distinct storages behind a cache's tensors (what it keeps alive)."""
+    storages = {}
+    for t in cache.cache_dict.values():
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
 
 
 def measure_memory(variant: str, attn_only: bool, threads: int, repeats: int) -> dict:
@@ -302,7 +344,42 @@ def measure_memory(variant: str, attn_only: bool, threads: int, repeats: int) ->
         "rss": statistics.median(r["rss_peak_increase"] for r in runs),
         "rss_valid": all(r["rss_valid"] for r in runs),
         "profiler": statistics.median(r["profiler_peak"] for r in runs),
+        "cached": statistics.median(r["cached_bytes"] for r in runs),
     }
+
+
+def forward_variants(model: HookedKVShiftTransformer,
+                     tokens: Tensor) -> dict[str, Callable[[], None]]:
+    """(c): a plain forward and two ``run_with_cache`` calls, each under ``torch.no_grad``."""
+
+    def no_grad(variant: str) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                _forward_call(model, variant, tokens)
+
+        return call
+
+    return {v: no_grad(v) for v in ("forward", "cache_all", "cache_filtered")}
+
+
+class OtherLoad:
+    """How busy the machine was with *other* processes while this one ran: CPU time all CPUs
+    spent busy (/proc/stat) less this process' own (and its children's), over the CPUs' time."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / ticks  # all but idle and iowait
+        t = os.times()
+        return time.monotonic(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def fraction(self) -> float:
+        (w0, b0, o0), (w1, b1, o1) = self.start, self._sample()
+        return max(0.0, ((b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1)))
 
 
 # ---------------------------------------------------------------------------------- main
@@ -322,11 +399,14 @@ def check_equivalence(attn_only: bool) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few rounds: a smoke test")
-    ap.add_argument("--steps", type=int, default=None, help="calls per variant per round")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (ratios: median of these)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="calls per variant per round (default 1)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="rounds; ratios are medians over rounds (default 40, --quick 3)")
     ap.add_argument("--threads", type=int,
                     default=int(os.environ.get("KVSHIFT_BENCH_THREADS", "2")),
                     help="torch threads (default: $KVSHIFT_BENCH_THREADS or 2)")
+    ap.add_argument("--skip-memory", action="store_true", help="leave out the memory subprocesses")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--with-mlp", action="store_true", help=argparse.SUPPRESS)
@@ -337,11 +417,12 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    steps = args.steps or (2 if args.quick else 4)
-    repeats = args.repeats or (3 if args.quick else 9)
+    steps = args.steps or 1
+    repeats = args.repeats or (3 if args.quick else 40)
     warmup = 1 if args.quick else 2
-    mem_repeats = 1 if args.quick else 3
+    mem_repeats = 1 if args.quick else 2
     t_start = time.perf_counter()
+    other = OtherLoad()
 
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
@@ -349,110 +430,117 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
           f"({cpu}); python {platform.python_version()}")
     print(f"shape: {N_LAYERS} layers, d_model {D_MODEL}, {N_HEADS} heads x {D_HEAD}, seq {SEQ}, "
-          f"batch {BATCH}, d_vocab {D_VOCAB}, d_mlp {D_MLP} (gelu) when MLPs are on")
-    print(f"timing: {repeats} rounds x {steps} calls per variant, interleaved; ratio = median of "
-          f"per-round ratios [min-max]\n")
+          f"batch {BATCH}, d_vocab {D_VOCAB}; d_mlp {D_MLP} (gelu) in the MLP config")
+    print(f"timing: {repeats} rounds x {steps} calls per variant, variants interleaved\n")
 
-    rows: list[tuple[str, tuple[float, float, float] | float, float | None, str]] = []
+    rows: list[tuple[str, tuple[float, ...], float | None]] = []
     tokens = tokens_for()
 
-    # (a) + (b), attention-only: one interleaved group of four variants.
+    # (a) + (b): one interleaved group per config, training steps.
     for attn_only in (True, False):
-        label = "attn-only" if attn_only else "with MLP"
-        n_ours, n_plain = check_equivalence(attn_only)
+        label = "attn-only" if attn_only else "MLP"
+        n_ours, _ = check_equivalence(attn_only)
         off = make_ours(attn_only, shift_on=False)
         plain = PlainTransformer(attn_only).load_from(off)
         on = make_ours(attn_only, shift_on=True)
         step_on = train_step(on, tokens, ours=True)
-
-        def step_naive(step_on=step_on) -> None:
-            with swapped_shift(naive_shift):
-                step_on()
-
         variants = {"plain": train_step(plain, tokens, ours=False),
                     "off": train_step(off, tokens, ours=True),
-                    "on": step_on, "naive": step_naive}
+                    "on": step_on}
+        if attn_only:
+            def step_naive(step_on=step_on) -> None:
+                with swapped_shift(naive_shift):
+                    step_on()
+
+            variants["naive"] = step_naive
         t0 = time.perf_counter()
         times = time_side_by_side(variants, steps, repeats, warmup)
-        print(f"[{label}: {n_ours:,} parameters in ours and in plain; "
+        print(f"[{label}: {n_ours:,} parameters in ours and in plain, same loss; "
               f"{time.perf_counter() - t0:.0f}s]")
-        rows.append((f"(a) train step, ours (shift off, no hooks) / plain SDPA  [{label}]",
-                     ratio_stats(times, "off", "plain"), GOALS["train_vs_plain"], "x"))
-        rows.append((f"(b) train step, shift on / shift off  [{label}]",
-                     ratio_stats(times, "on", "off"), GOALS["shift_on_vs_off"], "x"))
-        rows.append((f"    context: naive shift on / shift off  [{label}]",
-                     ratio_stats(times, "naive", "off"), None, "x"))
-        rows.append((f"    context: ours shift on / plain SDPA  [{label}]",
-                     ratio_stats(times, "on", "plain"), None, "x"))
-        del off, plain, on, variants
+        rows.append((f"(a) train step: ours, shift off, no hooks / plain SDPA [{label}]",
+                     ratio_stats(times, "off", "plain"), GOALS["train_vs_plain"]))
+        rows.append((f"(b) train step: shift on / shift off [{label}]",
+                     ratio_stats(times, "on", "off"), GOALS["shift_on_vs_off"]))
+        if attn_only:
+            rows.append((f"    context: naive shift on / shift off [{label}]",
+                         ratio_stats(times, "naive", "off"), None))
+        rows.append((f"    context: ours, shift on / plain SDPA [{label}]",
+                     ratio_stats(times, "on", "plain"), None))
+        del off, plain, on, variants, times
 
     # (c) time: run_with_cache vs plain forward, no_grad, our model with the shift on.
-    model = make_ours(True, shift_on=True)
-
-    def no_grad(fn: Callable[[], object]) -> Callable[[], None]:
-        def call() -> None:
-            with torch.no_grad():
-                fn()
-
-        return call
-
-    variants = {
-        "forward": no_grad(lambda: model(tokens)),
-        "cache_all": no_grad(lambda: model.run_with_cache(tokens)),
-        "cache_filtered": no_grad(lambda: model.run_with_cache(tokens, names_filter=FILTER_NAME)),
-    }
+    variants = forward_variants(make_ours(True, shift_on=True), tokens)
     t0 = time.perf_counter()
     times = time_side_by_side(variants, steps, repeats, warmup)
-    print(f"[forward timing: {time.perf_counter() - t0:.0f}s]")
-    rows.append(("(c) time, run_with_cache (all hooks) / forward  [attn-only, no_grad]",
-                 ratio_stats(times, "cache_all", "forward"), None, "x"))
-    rows.append((f"(c) time, run_with_cache({FILTER_NAME}) / forward",
-                 ratio_stats(times, "cache_filtered", "forward"), None, "x"))
-    del model, variants
+    print(f"[forward, no_grad, shift on, attn-only: {time.perf_counter() - t0:.0f}s]")
+    rows.append(("(c) time: run_with_cache, all hooks / forward [attn-only]",
+                 ratio_stats(times, "cache_all", "forward"), None))
+    rows.append(("(c) time: run_with_cache, one hook / forward [attn-only]",
+                 ratio_stats(times, "cache_filtered", "forward"), None))
+    del variants, times
 
     # (c) memory: one fresh process per variant and repeat.
-    t0 = time.perf_counter()
-    mem_notes = []
-    for attn_only in (True, False):
-        label = "attn-only" if attn_only else "with MLP"
-        mem = {v: measure_memory(v, attn_only, args.threads, mem_repeats)
-               for v in ("forward", "cache_all", "cache_filtered")}
-        for v, m in mem.items():
-            note = "" if m["rss_valid"] else "  (rss did not pass the warm-up high-water mark)"
-            mem_notes.append(f"  {label:9s} {v:15s} rss peak increase {m['rss'] / 2**20:7.1f} "
-                             f"MiB, torch allocator peak {m['profiler'] / 2**20:7.1f} MiB{note}")
-        for key, what in (("rss", "rss"), ("profiler", "allocator")):
-            f = mem["forward"][key]
-            rows.append((f"(c) peak mem ({what}), run_with_cache (all) / forward  [{label}]",
-                         mem["cache_all"][key] / f, None, "x"))
-            rows.append((f"(c) peak mem ({what}), run_with_cache({FILTER_NAME}) / forward"
-                         f"  [{label}]",
-                         mem["cache_filtered"][key] / f, GOALS["filtered_cache_mem"], "x"))
-    print(f"[memory: {time.perf_counter() - t0:.0f}s]")
-    print("\n".join(mem_notes))
+    mem_lines = []
+    if not args.skip_memory:
+        t0 = time.perf_counter()
+        for attn_only in (True,) if args.quick else (True, False):
+            label = "attn-only" if attn_only else "MLP"
+            mem = {v: measure_memory(v, attn_only, args.threads, mem_repeats)
+                   for v in ("forward", "cache_all", "cache_filtered")}
+            for v, m in mem.items():
+                note = "" if m["rss_valid"] else "  (rss: upper bound only)"
+                mem_lines.append(
+                    f"  {label:9s} {v:15s} rss rise {m['rss'] / 2**20:6.1f} MiB, torch "
+                    f"allocator peak {m['profiler'] / 2**20:6.1f} MiB, cache keeps "
+                    f"{m['cached'] / 2**20:6.1f} MiB{note}")
+            fwd, filt = mem["forward"], mem["cache_filtered"]
+            rows.append((f"(c) peak mem: run_with_cache, all hooks / forward [{label}]",
+                         (mem["cache_all"]["rss"] / fwd["rss"],), None))
+            rows.append((f"(c) peak mem: run_with_cache, one hook / forward [{label}]",
+                         (filt["rss"] / fwd["rss"],), GOALS["filtered_cache_mem"]))
+            rows.append((f"    same, torch allocator peak instead of rss [{label}]",
+                         (filt["profiler"] / fwd["profiler"],), None))
+            rows.append((f"    same, less the cached tensor itself (allocator) [{label}]",
+                         ((filt["profiler"] - filt["cached"]) / fwd["profiler"],), None))
+        print(f"[memory, {mem_repeats} fresh process(es) per variant: "
+              f"{time.perf_counter() - t0:.0f}s]")
+        print(f"peak memory of one call, no_grad, shift on ({FILTER_NAME} for 'one hook'):")
+        print("\n".join(mem_lines))
 
     # The table.
     print()
     width = max(len(r[0]) for r in rows)
-    print(f"{'measure':{width}s}  {'ratio':>7s}  {'[min-max]':>13s}  {'goal':>7s}  met")
-    print("-" * (width + 40))
+    head = (f"{'measure':{width}s}  {'ratio':>6s}  {'IQR':>13s}  {'min/min':>7s}  {'cpu':>6s}  "
+            f"{'goal':>7s}  met")
+    print(head)
+    print("-" * len(head))
     results = []
-    for name, value, goal, _unit in rows:
-        if isinstance(value, tuple):
-            med, lo, hi = value
-            spread = f"[{lo:.3f}-{hi:.3f}]"
-        else:
-            med, lo, hi, spread = value, value, value, ""
+    for name, stats, goal in rows:
+        med = stats[0]
+        iqr = f"[{stats[1]:.3f}-{stats[2]:.3f}]" if len(stats) > 1 else ""
+        mins = f"{stats[3]:.3f}" if len(stats) > 1 else ""
+        cpu_s = f"{stats[4]:.3f}" if len(stats) > 1 else ""
         goal_s = f"<= {goal:.2f}" if goal is not None else ""
         met = "" if goal is None else ("yes" if med <= goal else "NO")
-        print(f"{name:{width}s}  {med:7.3f}  {spread:>13s}  {goal_s:>7s}  {met}")
-        results.append({"measure": name.strip(), "ratio": med, "min": lo, "max": hi,
+        print(f"{name:{width}s}  {med:6.3f}  {iqr:>13s}  {mins:>7s}  {cpu_s:>6s}  {goal_s:>7s}  "
+              f"{met}")
+        results.append({"measure": name.strip(), "ratio": med, "stats": list(stats),
                         "goal": goal, "met": None if goal is None else med <= goal})
-    total = time.perf_counter() - t_start
-    print(f"\ntotal {total:.0f}s")
+    print("\nratio: wall-clock, median over rounds of the per-round ratio; IQR: its quartiles; "
+          "min/min: ratio of the two\nvariants' fastest rounds; cpu: median per-round ratio of "
+          "process CPU time. Memory ratios: no spread\n(the allocator peak is exact; rss is the "
+          "median of the fresh processes).")
+    load = other.fraction()
+    print(f"total {time.perf_counter() - t_start:.0f}s; other processes kept {load:.0%} of the "
+          f"CPUs busy meanwhile")
+    if load > 0.1:
+        print("WARNING: the machine was busy with other work: timing ratios are unreliable "
+              "(memory ratios are not affected). Rerun on a quiet machine, or with "
+              "KVSHIFT_BENCH_THREADS=1, which suffers less from a busy neighbour.")
     if args.json is not None:
         args.json.write_text(json.dumps({"steps": steps, "repeats": repeats,
-                                         "threads": args.threads, "results": results}, indent=2))
+                                         "threads": args.threads, "cpu": cpu,
+                                         "other_load": load, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
