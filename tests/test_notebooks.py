@@ -1,0 +1,101 @@
+"""The notebooks (notebooks/NN_name.py, jupytext percent scripts, paired with outputs-free .ipynb):
+each runs top to bottom on a fresh kernel in fast mode (KVSHIFT_FAST=1) and shows what it is
+about, and each .ipynb holds exactly the cells of its .py and no outputs.
+
+The kernel is ipykernel's "python3" from the environment running the tests (the venv); it starts
+in a temporary folder, so the notebooks' run folders (``runs/notebooks/...``) land there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ["01_train_and_compare", "02_shift_coefficients", "03_circuits", "04_text"]
+CELL_TIMEOUT_S = 120
+PLOTLY = "application/vnd.plotly.v1+json"
+
+# What each notebook must show: minimum counts of plotly figures and circuitsvis views, and text
+# its outputs must contain.
+EXPECTED = {
+    "01_train_and_compare": {"plotly": 3, "circuitsvis": 0,
+                             "text": ["kvshift_1L", "vanilla_1L", "vanilla_2L"]},
+    "02_shift_coefficients": {"plotly": 4, "circuitsvis": 0, "text": ["L0H0"]},
+    "03_circuits": {"plotly": 7, "circuitsvis": 2,
+                    "text": ["key_past_weight", "hook_k_shifted", "removing the key shift",
+                             "log-prob of the repeats"]},
+    "04_text": {"plotly": 3, "circuitsvis": 0,
+                "text": ["validation loss", "heads with a role", "generated:"]},
+}
+
+
+def _cells(nb: nbformat.NotebookNode) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source) for c in nb.cells]
+
+
+def _outputs(nb: nbformat.NotebookNode) -> list[dict]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _text_of(output: dict) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    data = output.get("data", {})
+    return "\n".join(str(data.get(k, "")) for k in ("text/plain", "text/markdown", "text/html"))
+
+
+def test_every_notebook_is_listed_and_paired():
+    scripts = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+    assert scripts == NAMES
+    for name in NAMES:
+        assert (NOTEBOOKS / f"{name}.ipynb").is_file(), f"{name}.ipynb is missing: run jupytext --sync"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ipynb_in_sync_with_script_and_stripped(name):
+    script = jupytext.read(NOTEBOOKS / f"{name}.py")
+    paired = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(paired)
+    assert _cells(paired) == _cells(script), (
+        f"{name}.ipynb differs from {name}.py: run `jupytext --sync notebooks/{name}.py`")
+    for cell in paired.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{name}.ipynb has outputs: strip them (jupytext --sync writes none)")
+    assert paired.metadata.get("kernelspec", {}).get("name") == "python3"
+    assert "py:percent" in paired.metadata.get("jupytext", {}).get("formats", "")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_in_fast_mode(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSHIFT_FAST", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("KVSHIFT_TEST_THREADS", "1"))
+    nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert 'FAST = os.environ.get("KVSHIFT_FAST", "0") == "1"' in first_code.source
+
+    client = NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    t0 = time.perf_counter()
+    client.execute()  # raises CellExecutionError, with the traceback, when a cell fails
+    elapsed = time.perf_counter() - t0
+    print(f"{name}: {elapsed:.1f} s in fast mode")
+
+    outputs = _outputs(nb)
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    expected = EXPECTED[name]
+    n_plotly = sum(PLOTLY in o.get("data", {}) for o in outputs)
+    assert n_plotly >= expected["plotly"], f"{name}: {n_plotly} plotly figures shown"
+    n_cv = sum("CircuitsVis.render(" in o.get("data", {}).get("text/html", "") for o in outputs)
+    assert n_cv >= expected["circuitsvis"], f"{name}: {n_cv} circuitsvis views shown"
+    text = "\n".join(_text_of(o) for o in outputs)
+    for needle in expected["text"]:
+        assert needle in text, f"{name}: no output mentions {needle!r}"
+    assert (tmp_path / "runs" / "notebooks").is_dir(), "run folders belong under runs/notebooks"
