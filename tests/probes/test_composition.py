@@ -126,3 +126,18 @@ def test_errors_and_the_shift_warning():
         warnings.simplefilter("error")
         all_composition_scores(build(n_layers=2, shift_k=False, shift_v=False))
         all_composition_scores(build(n_layers=2, randomize_weights=False))  # identity coefficients
+
+
+def test_hand_built_two_layer_circuit_has_high_k_composition():
+    """The hand-built previous-token (L0) -> induction (L1) circuit of tests/probes: its L0 head
+    writes the previous token exactly where the L1 head's keys read, so K-composition is far above
+    the random baseline and above Q- and V-composition."""
+    from tests.probes import two_layer_induction_model
+
+    model = two_layer_induction_model(16, 24)
+    k = all_composition_scores(model, "K")[0, 0, 1, 0].item()
+    q = all_composition_scores(model, "Q")[0, 0, 1, 0].item()
+    v = all_composition_scores(model, "V")[0, 0, 1, 0].item()
+    mean, std = random_composition_baseline(model.cfg.d_model, model.cfg.d_head, "K")
+    assert (k - mean) / std > 5
+    assert k > q and k > v
