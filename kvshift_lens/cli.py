@@ -599,7 +599,7 @@ def evaluate_model(model, task, batch_size: int, n_batches: int, seed: int,
 
 def cmd_eval(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     from kvshift_lens.model import HookedKVShiftTransformer
-    from kvshift_lens.train.tasks import build_task
+    from kvshift_lens.train.tasks import build_eval_task, build_task
     from kvshift_lens.train.trainer import resolve_device
 
     ckpt, run_dir = _find_checkpoint(Path(args.path))
@@ -610,7 +610,7 @@ def cmd_eval(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     task_spec = _task_spec(args, explicit, run_task if isinstance(run_task, dict) else None, None,
                            f"{ckpt} has no run.json beside it")
     try:
-        task = build_task(task_spec)
+        task = build_eval_task(task_spec, build_task(task_spec))  # text: the validation split
     except (ValueError, TypeError) as e:
         raise CLIError(f"invalid task: {e}") from None
     run_train = run.get("train", {}) if run else {}

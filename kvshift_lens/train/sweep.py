@@ -103,7 +103,7 @@ def task_shape(task: Mapping[str, Any]) -> tuple[int | None, int]:
         kwargs = {k: v for k, v in task.items() if k != "name"}
         sig = _text_task_defaults()
         try:
-            bound = sig.bind(None, **kwargs)  # None stands for cls
+            bound = sig.bind(**kwargs)  # a bound classmethod: no cls in the signature
         except TypeError as e:
             raise TypeError(f"task 'text': {e}") from None
         seq_len = bound.arguments.get("seq_len", sig.parameters["seq_len"].default)

@@ -24,3 +24,15 @@ def build_task(spec: dict[str, Any]):
     if spec["name"] not in TASKS:
         raise ValueError(f"unknown task {spec['name']!r}; choose one of {task_names()}")
     return make_task(spec["name"], **kwargs)
+
+
+def build_eval_task(spec: dict[str, Any], train_task):
+    """The task evaluations run on: for ``text``, the validation split of the same corpus and
+    tokenizer (never the training stream); for synthetic tasks, the task itself (evaluation draws
+    come from their own fixed generator)."""
+    if spec.get("name") != "text" or spec.get("split", "train") == "val":
+        return train_task
+    from kvshift_lens.data.text import TextTask
+
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "split")}
+    return TextTask.from_corpus(**kwargs, split="val")

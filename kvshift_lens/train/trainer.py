@@ -44,7 +44,7 @@ from kvshift_lens.train.state import (
     restore_optimizer,
     save_checkpoint,
 )
-from kvshift_lens.train.tasks import build_task
+from kvshift_lens.train.tasks import build_eval_task, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,10 @@ def train(
 
     init_gen = torch.Generator().manual_seed(cfg.seed)
     if model is None:
-        model = HookedKVShiftTransformer({**model_cfg, "device": "cpu"}, generator=init_gen)
+        # A text task's tokenizer goes with the model, so checkpoints and final/ carry it.
+        model = HookedKVShiftTransformer({**model_cfg, "device": "cpu"}, generator=init_gen,
+                                         tokenizer=getattr(task, "tokenizer", None))
+    eval_task = build_eval_task(spec.task, task)
     model.to(device).train()
     optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr,
                                   betas=cfg.betas, fused=device.type == "cuda" or None)
@@ -267,12 +270,13 @@ def train(
         eval_gen = torch.Generator().manual_seed(cfg.seed + 2)
         sums: dict[str, float] = {}
         with torch.no_grad(), autocast:
-            batches = (task.eval_batches(cfg.batch_size, cfg.eval_batches)
-                       if hasattr(task, "eval_batches") else
-                       (task.sample(cfg.batch_size, eval_gen) for _ in range(cfg.eval_batches)))
+            batches = (eval_task.eval_batches(cfg.batch_size, cfg.eval_batches)
+                       if hasattr(eval_task, "eval_batches") else
+                       (eval_task.sample(cfg.batch_size, eval_gen)
+                        for _ in range(cfg.eval_batches)))
             for batch in batches:
                 batch = batch.to(device)
-                m = task.metrics(model(batch.tokens).float(), batch)
+                m = eval_task.metrics(model(batch.tokens).float(), batch)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
         model.train()

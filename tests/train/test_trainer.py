@@ -196,3 +196,26 @@ def test_compiled_training_matches_eager(tmp_path):
     compiled = train(small_spec(steps=4, checkpoint_every=0, compile=True), tmp_path / "compiled")
     for a, b in zip(eager.evals, compiled.evals):
         assert b["eval/loss"] == pytest.approx(a["eval/loss"], rel=1e-4)
+
+
+def test_text_runs_evaluate_on_validation_and_keep_their_tokenizer(tmp_path):
+    """Text: evaluation reads the held-out split (not the training stream), and the tokenizer
+    travels with the saved model."""
+    from kvshift_lens.data.text import TextTask
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(f"document {i}: " + "lorem ipsum dolor " * (i + 3))
+    task = {"name": "text", "source": str(corpus), "seq_len": 16, "val_fraction": 0.3}
+    spec = RunSpec(model=dict(d_model=16, d_head=4, n_layers=1, attn_only=True), task=task,
+                   train=TrainConfig(steps=2, batch_size=4, eval_every=2, eval_batches=1,
+                                     progress=False, device="cpu"))
+    result = train(spec, tmp_path / "run")
+    val = TextTask.from_corpus(source=str(corpus), seq_len=16, val_fraction=0.3, split="val")
+    batch = next(iter(val.eval_batches(4, 1)))
+    with torch.no_grad():
+        expected = val.metrics(result.model.eval()(batch.tokens), batch)["loss"]
+    assert result.final_metrics["loss"] == pytest.approx(expected, rel=1e-5)
+    final = HookedKVShiftTransformer.from_pretrained(tmp_path / "run" / "final", device="cpu")
+    assert final.to_string(final.to_tokens("lorem ipsum")[0]) == "lorem ipsum"
