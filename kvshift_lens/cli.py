@@ -1,5 +1,5 @@
-"""The ``kvshift`` command line: ``kvshift train``, ``kvshift sweep``, ``kvshift eval`` and
-``kvshift report``.
+"""The ``kvshift`` command line: ``kvshift train``, ``kvshift sweep``, ``kvshift eval``,
+``kvshift report``, and ``kvshift repro``.
 
 Every flag is explained by ``--help`` at each level. Mistakes a user can fix (a bad flag or value, a
 missing file, a task the model cannot represent, an existing run folder) end with one line on
@@ -246,6 +246,16 @@ DIR/<variant>[__<size>]__seed<k>/. Exit code 1 when some run failed (see the sum
 """
 
 
+REPRO_DESCRIPTION = """\
+Reproduce the paper's toy results (REPRODUCTION.md). Each experiment is a sweep with one folder
+per run under OUT/<experiment>/:
+
+  kvshift repro run --out runs/repro --jobs 2          # every experiment, about an hour
+  kvshift repro run depth width --out runs/repro       # some of them
+  kvshift repro report runs/repro                      # REPRODUCTION.md + docs/reproduction/*.png
+  kvshift repro spec depth > depth.json                # a spec to edit and run with kvshift sweep
+"""
+
 REPORT_DESCRIPTION = """\
 Write one self-contained HTML file about a run (it works offline): a text summary (steps to the
 target accuracy, the induction phase change, final accuracy, the learned coefficients per head),
@@ -345,7 +355,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--landscape-grid", type=_grid_size, default=15, metavar="N",
                    help="landscape grid points per axis")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("repro", formatter_class=_Formatter,
+                       help="reproduce the paper's toy results (REPRODUCTION.md)",
+                       description=REPRO_DESCRIPTION)
+    rsub = p.add_subparsers(dest="repro_command", metavar="ACTION", required=True,
+                            parser_class=_Parser)
+    r = rsub.add_parser("run", formatter_class=_Formatter, help="run experiments (sweeps)",
+                        description="Run the named experiments (default: all) as sweeps into "
+                                    "OUT/<experiment>/. Finished runs are skipped and "
+                                    "interrupted ones resumed, so running again finishes a set.")
+    r.add_argument("names", nargs="*", metavar="EXPERIMENT",
+                   help="experiments to run (default: all): " + ", ".join(_repro_names()))
+    r.add_argument("--out", default="runs/repro", metavar="DIR", help="the output folder")
+    r.add_argument("--quick", action="store_true", default=False,
+                   help="a few steps per run: a smoke test of the pipeline, numbers meaningless")
+    r.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help="runs in parallel, each in its own worker process")
+    r.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch threads per run (None: 1 per worker with --jobs > 1)")
+    r.add_argument("--overwrite", action="store_true", default=False,
+                   help="rerun from scratch, also over a folder holding a different sweep")
+    r.add_argument("--quiet", action="store_true", default=False,
+                   help="no per-run progress lines on stderr")
+    r.set_defaults(func=cmd_repro_run)
+    r = rsub.add_parser("report", formatter_class=_Formatter,
+                        help="write REPRODUCTION.md and its figures from the run folders",
+                        description="Analyse the experiments under DIR and write the markdown "
+                                    "report (claim, command, figure, numbers, verdict per "
+                                    "experiment) and PNG figures. Notes between '<!-- notes:NAME "
+                                    "-->' markers in an existing report are kept.")
+    r.add_argument("root", metavar="DIR", help="the folder 'kvshift repro run --out' wrote")
+    r.add_argument("--markdown", default="REPRODUCTION.md", metavar="FILE.md",
+                   help="the report to write")
+    r.add_argument("--figures", default="docs/reproduction", metavar="DIR",
+                   help="where the PNG figures go")
+    r.add_argument("--no-static", dest="static", action="store_false", default=True,
+                   help="write no PNG figures (they need kaleido and Chrome/Chromium)")
+    r.add_argument("--landscape-grid", type=_grid_size, default=21, metavar="N",
+                   help="landscape grid points per axis")
+    r.set_defaults(func=cmd_repro_report)
+    r = rsub.add_parser("spec", formatter_class=_Formatter,
+                        help="print an experiment's sweep spec (JSON)",
+                        description="Print the sweep spec of one experiment, e.g. to edit it and "
+                                    "run it with 'kvshift sweep'.")
+    r.add_argument("name", metavar="EXPERIMENT", help=", ".join(_repro_names()))
+    r.add_argument("--quick", action="store_true", default=False, help="the smoke-test spec")
+    r.set_defaults(func=cmd_repro_spec)
     return parser
+
+
+def _repro_names() -> list[str]:
+    from kvshift_lens.repro.experiments import EXPERIMENTS
+
+    return list(EXPERIMENTS)
 
 
 def _suppress_defaults(parser: argparse.ArgumentParser) -> None:
@@ -653,6 +716,54 @@ def cmd_report(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     else:
         print(f"static figures: {outcome.static.status}: {outcome.static.message}")
     print(outcome.summary.to_text())
+    return 0
+
+
+def cmd_repro_run(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
+    from kvshift_lens.repro.run import run_experiments
+
+    try:
+        summaries = run_experiments(args.out, args.names, quick=args.quick, jobs=args.jobs,
+                                    threads=args.threads, overwrite=args.overwrite,
+                                    log=None if args.quiet else _log)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    failed = 0
+    for name, summary in summaries.items():
+        n_failed = len(summary.failed)
+        failed += n_failed
+        n_done = sum(r.status == "finished" for r in summary.runs)
+        print(f"{name}: {n_done} runs finished" + (f", {n_failed} failed" if n_failed else ""))
+        print(f"  {Path(args.out) / name / 'summary.md'}")
+    print(f"next: kvshift repro report {args.out}")
+    return EXIT_RUNS_FAILED if failed else 0
+
+
+def cmd_repro_report(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
+    from kvshift_lens.repro.report import build_report
+
+    if Path(args.markdown).suffix.lower() != ".md":
+        raise CLIError(f"--markdown {args.markdown} must name a .md file")
+    try:
+        result = build_report(args.root, args.markdown, args.figures, static=args.static,
+                              landscape_grid=args.landscape_grid)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    for s in result.sections:
+        print(f"{s.name:10s} {s.verdict:15s} {s.reason}")
+    print(f"report: {result.markdown}")
+    print(f"figures: {len(result.figures)} written ({result.static_note})")
+    return 0
+
+
+def cmd_repro_spec(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
+    from kvshift_lens.repro.experiments import experiment
+
+    try:
+        exp = experiment(args.name)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(exp.spec(args.quick), indent=2))
     return 0
 
 

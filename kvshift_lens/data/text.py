@@ -65,7 +65,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from jaxtyping import Int
+import torch.nn.functional as F
+from jaxtyping import Float, Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
@@ -613,6 +614,38 @@ class TextTask(SyntheticTask):
     def min_loss(self) -> None:
         """Unknown for natural text (the entropy of the source is not known): None."""
         return None
+
+    def icl_positions(self) -> tuple[slice, slice] | None:
+        """The token indices compared by the ``icl_score`` metric: ``(early, late)`` bands of
+        ``b = max(1, seq_len // 32)`` tokens each, the early band starting at token
+        ``max(1, seq_len // 10)`` and the late band ending at the window's last token. None when
+        the window is too short for two disjoint bands (fewer than 20 tokens)."""
+        if self.seq_len < 20:
+            return None
+        b = max(1, self.seq_len // 32)
+        early = max(1, self.seq_len // 10)
+        return slice(early, early + b), slice(self.seq_len - b, self.seq_len)
+
+    def metrics(
+        self, logits: Float[Tensor, "batch pos d_vocab"], batch: Batch
+    ) -> dict[str, float]:
+        """``accuracy``, ``loss``, ``n_predictions`` (every position but the last), plus
+        ``icl_score`` when the window has at least 20 tokens: Olsson et al.'s in-context-learning
+        score scaled to the window, the mean loss on the late band of tokens minus the mean loss
+        on the early band (:meth:`icl_positions`; Olsson et al. compare token 500 with token 50).
+        Negative means the model predicts better with more context."""
+        out = super().metrics(logits, batch)
+        bands = self.icl_positions()
+        if bands is not None:
+            with torch.no_grad():
+                logp = F.log_softmax(logits.detach()[:, :-1, : self.d_vocab].float(), dim=-1)
+                losses = -logp.gather(-1, batch.tokens[:, 1:, None].to(logp.device))[..., 0]
+                # losses[:, t] is the loss on token t + 1
+                early, late = bands
+                out["icl_score"] = float(
+                    losses[:, late.start - 1 : late.stop - 1].mean()
+                    - losses[:, early.start - 1 : early.stop - 1].mean())
+        return out
 
     @property
     def n_tokens(self) -> int:

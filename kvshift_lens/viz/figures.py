@@ -624,6 +624,101 @@ def landscape_figure(
     return fig
 
 
+# ---------------------------------------------------------------------------------------------
+# Several seeds at once (the reproductions)
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_band_curves(
+    series: Mapping[str, tuple[Sequence[float], Any]],
+    title: str,
+    y_title: str,
+    y_range: Sequence[float] | None = None,
+    hline: float | None = None,
+) -> go.Figure:
+    """One median line per series with a shaded band from the minimum to the maximum over seeds.
+
+    Args:
+        series: ``{label: (steps, values)}`` with ``values`` ``[n_seeds, len(steps)]`` (NaN where
+            a seed has no value at that step; such entries are ignored).
+        hline: a horizontal reference line (e.g. the accuracy target), or None.
+    """
+    if not series:
+        raise ValueError("no series to plot")
+    fig = go.Figure()
+    for i, (label, (steps, values)) in enumerate(series.items()):
+        v = _as_array(values, f"values of {label!r}", ndim=2)
+        x = [float(s) for s in steps]
+        if v.shape[1] != len(x):
+            raise ValueError(f"values of {label!r} have {v.shape[1]} steps, steps has {len(x)}")
+        ok = ~np.isnan(v).all(axis=0)
+        x = [s for s, keep in zip(x, ok, strict=True) if keep]
+        v = v[:, ok]
+        med, lo, hi = (np.nanmedian(v, 0), np.nanmin(v, 0), np.nanmax(v, 0))
+        color = _color(i)
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi.tolist() + lo[::-1].tolist(), fill="toself",
+                                 fillcolor=color, opacity=0.18, line=dict(width=0),
+                                 hoverinfo="skip", showlegend=False, meta={"band": label}))
+        fig.add_trace(go.Scatter(x=x, y=med.tolist(), mode="lines",
+                                 name=f"{label} (median of {v.shape[0]})",
+                                 line=dict(color=color, width=2.5), meta={"series": label}))
+    if hline is not None:
+        fig.add_hline(y=hline, line=dict(color="#999", dash="dot", width=1))
+    fig.update_layout(title=title, template=TEMPLATE, height=420, width=820,
+                      xaxis=dict(title="step"), yaxis=dict(title=y_title),
+                      legend=dict(orientation="h", y=-0.2))
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
+    return fig
+
+
+def seed_points(
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    title: str,
+    x_title: str,
+    y_title: str,
+    y_range: Sequence[float] | None = None,
+    hline: float | None = None,
+) -> go.Figure:
+    """Medians with min-max error bars and every seed as a faint dot, over categories.
+
+    Args:
+        groups: ``{series: {category: [value per seed]}}``; categories keep their order.
+    """
+    if not groups:
+        raise ValueError("no groups to plot")
+    fig = go.Figure()
+    for i, (label, cats) in enumerate(groups.items()):
+        color = _color(i)
+        xs, med, lo, hi, dots_x, dots_y = [], [], [], [], [], []
+        for cat, vals in cats.items():
+            vals = [float(v) for v in vals if v is not None and np.isfinite(v)]
+            if not vals:
+                continue
+            m = float(np.median(vals))
+            xs.append(cat)
+            med.append(m)
+            lo.append(m - min(vals))
+            hi.append(max(vals) - m)
+            dots_x += [cat] * len(vals)
+            dots_y += vals
+        fig.add_trace(go.Scatter(
+            x=xs, y=med, mode="lines+markers", name=label, meta={"series": label},
+            line=dict(color=color, width=2), marker=dict(size=9),
+            error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, thickness=1.2)))
+        fig.add_trace(go.Scatter(x=dots_x, y=dots_y, mode="markers", showlegend=False,
+                                 marker=dict(color=color, size=5, opacity=0.45),
+                                 hoverinfo="y", meta={"seeds": label}))
+    if hline is not None:
+        fig.add_hline(y=hline, line=dict(color="#999", dash="dot", width=1))
+    fig.update_layout(title=title, template=TEMPLATE, height=420, width=820,
+                      xaxis=dict(title=x_title, type="category"), yaxis=dict(title=y_title),
+                      legend=dict(orientation="h", y=-0.2))
+    if y_range is not None:
+        fig.update_yaxes(range=list(y_range))
+    return fig
+
+
 __all__ = [
     "INDUCTION_POINT",
     "VANILLA_POINT",
@@ -641,5 +736,7 @@ __all__ = [
     "loss_curves",
     "phase_change_step",
     "score_heatmap",
+    "seed_band_curves",
+    "seed_points",
     "steps_to_accuracy",
 ]

@@ -375,6 +375,33 @@ def test_metrics_and_loss_score_every_next_token(task):
     assert m["n_predictions"] == 4 * 23 and m["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_icl_score_is_late_minus_early_token_loss(task):
+    """The metric against Olsson et al.'s definition (probes' from-losses score, one token at a
+    time) averaged over the two bands, and on a hand-made model that only gets better with
+    context."""
+    from probes.scores import in_context_learning_score_from_losses, token_losses
+
+    batch = task.sample(6, gen(4))
+    logits = torch.randn(6, 24, task.d_vocab, generator=gen(5))
+    early, late = task.icl_positions()
+    assert (early, late) == (slice(2, 3), slice(23, 24))  # seq_len 24: b = 1, early = 2
+    losses = token_losses(logits, batch.tokens)
+    want = sum(in_context_learning_score_from_losses(losses, e, lt)
+               for e, lt in zip(range(early.start, early.stop), range(late.start, late.stop),
+                                strict=True)) / (early.stop - early.start)
+    assert task.metrics(logits, batch)["icl_score"] == pytest.approx(want, rel=1e-5)
+    # A model whose confidence in the right token grows along the window: negative score.
+    sharp = torch.zeros(6, 24, task.d_vocab)
+    for t in range(23):
+        sharp[:, t].scatter_(1, batch.tokens[:, t + 1, None], float(t) / 4)
+    assert task.metrics(sharp, batch)["icl_score"] < -1.0
+    long = TextTask(tokens=torch.arange(300) % 50, seq_len=128, d_vocab=50, bos_id=0)
+    assert long.icl_positions() == (slice(12, 16), slice(124, 128))
+    short = TextTask(tokens=torch.arange(30) % 5, seq_len=19, d_vocab=5, bos_id=0)
+    assert short.icl_positions() is None
+    assert "icl_score" not in short.metrics(torch.zeros(1, 19, 5), short.sample(1, gen(0)))
+
+
 def test_eval_batches_walk_the_stream_in_order(task):
     stream = task.tokens.tolist()
     s = task.seq_len - 1

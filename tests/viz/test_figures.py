@@ -247,3 +247,31 @@ def test_landscape_figure_shows_the_grid_the_descent_direction_and_the_heads():
     assert not _traces(F.landscape_figure(no_grad), role="arrows")
     with pytest.raises(ValueError, match="loss must be"):
         F.landscape_figure(Landscape(**{**land.__dict__, "loss": land.loss.T}))
+
+
+def test_seed_band_curves_median_and_band() -> None:
+    from kvshift_lens.viz.figures import seed_band_curves
+
+    values = np.array([[0.1, 0.5, 0.9, np.nan], [0.3, 0.4, 0.8, np.nan], [0.2, 0.9, 1.0, 0.95]])
+    fig = seed_band_curves({"a": ([0, 25, 50, 75], values)}, "t", "acc", hline=0.9)
+    band, line = fig.data
+    assert line.meta == {"series": "a"} and "median of 3" in line.name
+    assert list(line.x) == [0, 25, 50, 75]
+    # the median ignores seeds without a value at a step (runs stopped early)
+    assert list(line.y) == pytest.approx([0.2, 0.5, 0.9, 0.95])
+    assert list(band.y) == pytest.approx([0.3, 0.9, 1.0, 0.95, 0.95, 0.8, 0.4, 0.1])
+    with pytest.raises(ValueError, match="have 4 steps, steps has 2"):
+        seed_band_curves({"a": ([0, 1], values)}, "t", "acc")
+    with pytest.raises(ValueError, match="no series"):
+        seed_band_curves({}, "t", "acc")
+
+
+def test_seed_points_median_with_range() -> None:
+    from kvshift_lens.viz.figures import seed_points
+
+    fig = seed_points({"kv": {"8": [0.2, 0.6, 0.4], "16": [1.0], "32": [None]}}, "t", "x", "y")
+    line, dots = fig.data
+    assert list(line.x) == ["8", "16"] and list(line.y) == pytest.approx([0.4, 1.0])
+    assert list(line.error_y.array) == pytest.approx([0.2, 0.0])
+    assert list(line.error_y.arrayminus) == pytest.approx([0.2, 0.0])
+    assert list(dots.y) == pytest.approx([0.2, 0.6, 0.4, 1.0])
