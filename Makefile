@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_PIN ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install demo test test-slow lint bench repro clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/speed.py
+
+# The paper's toy experiments (about an hour on 2 cores), then REPRODUCTION.md and its figures.
+repro: install
+	$(BIN)/kvshift repro run --out runs/repro --jobs 2
+	$(BIN)/kvshift repro report runs/repro --markdown REPRODUCTION.md --figures docs/reproduction
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

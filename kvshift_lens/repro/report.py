@@ -229,6 +229,14 @@ def _not_run(sweep: Sweep, title: str, claim: str, command: str) -> Section:
                    f"no finished runs in {sweep.folder}")
 
 
+def _missing(sweep: Sweep, variants: Sequence[str], sizes: Sequence[str | None] = (None,)
+             ) -> str | None:
+    """A NOT_RUN reason when a group the verdict needs has no finished run, else None."""
+    absent = [v if s is None else f"{v}__{s}" for v in variants for s in sizes
+              if not sweep.runs(v, s)]
+    return f"no finished runs of {', '.join(absent)} yet." if absent else None
+
+
 def _runs_line(sweep: Sweep) -> str:
     n = len(sweep.finished)
     missing = sweep.not_finished()
@@ -257,7 +265,10 @@ def depth_section(sweep: Sweep, command: str) -> Section:
     kv_learns = kv_m is not None
     v1_fails = bool(v1) and v1_best < 0.5
     v2_later = v2_m is not None and kv_m is not None and v2_m > kv_m
-    if kv_learns and v1_fails and v2_later:
+    missing = _missing(sweep, ("kvshift_1L", "vanilla_1L", "vanilla_2L"))
+    if missing:
+        verdict, reason = NOT_RUN, missing
+    elif kv_learns and v1_fails and v2_later:
         verdict = REPRODUCED
         reason = (f"1-layer KV-shift reaches {TARGET:.0%} at step {kv_m:g} (median), 2-layer "
                   f"vanilla at {v2_m:g} ({v2_m / kv_m:.1f}x later); 1-layer vanilla never "
@@ -318,7 +329,10 @@ def width_section(sweep: Sweep, command: str) -> Section:
     kv_s, v2_s = smallest("kvshift_1L"), smallest("vanilla_2L")
     at_least = all((med(acc["kvshift_1L"][s]) or 0) >= (med(acc["vanilla_2L"][s]) or 0) - 0.02
                    for s in sizes)
-    if kv_s is not None and (v2_s is None or _width_value(kv_s) < _width_value(v2_s)):
+    missing = _missing(sweep, variants, sizes)
+    if missing:
+        verdict, reason = NOT_RUN, missing
+    elif kv_s is not None and (v2_s is None or _width_value(kv_s) < _width_value(v2_s)):
         verdict = REPRODUCED
         reason = (f"1-layer KV-shift reaches {TARGET:.0%} (median) from d_model "
                   f"{_width_value(kv_s)}, 2-layer vanilla "
@@ -369,7 +383,9 @@ def ngram_section(sweep: Sweep, command: str) -> Section:
         same.append(abs(mk - mv) <= tol)
         rows.append([s, f"{params:,}" if params else "-", fmt_stats(rel["vanilla"][s]),
                      fmt_stats(rel["kvshift"][s]), f"{mk - mv:+.3f} (tolerance {tol:.3f})"])
-    if same and all(same):
+    if not same:
+        verdict, reason = NOT_RUN, "no size has finished runs of both variants yet."
+    elif all(same):
         verdict, reason = REPRODUCED, ("at every size the two are within the seed spread "
                                        "(or 0.02) of each other.")
     elif any(same):
@@ -420,7 +436,11 @@ def multihop_section(sweep: Sweep, command: str) -> Section:
                 elif mk < mv - tol:
                     worse.append(f"{h}/{d}L")
             rows.append([h, d, fmt_stats(a_v), st_v, fmt_stats(a_k), st_k])
-    if not worse and better:
+    compared = sum(med(acc[("vanilla", d, h)]) is not None and med(acc[("kvshift", d, h)])
+                   is not None for d in depths for h in hops)
+    if not compared:
+        verdict, reason = NOT_RUN, "no (hops, layers) cell has finished runs of both variants yet."
+    elif not worse and better:
         verdict = REPRODUCED
         reason = ("KV-shift is never worse than vanilla beyond the seed spread, and better at "
                   + ", ".join(better) + ".")
@@ -487,7 +507,10 @@ def ablation_section(sweep: Sweep, command: str) -> Section:
 
     k_loses, v_loses = loses("k_only"), loses("v_only")
     convex_ok = numbers.get("convex", {}).get("steps_to_target_median") is not None
-    if kv is None:
+    missing = _missing(sweep, ("kv", "k_only", "v_only"))
+    if missing:
+        verdict, reason = NOT_RUN, missing
+    elif kv is None:
         verdict, reason = NOT_REPRODUCED, "the full KV shift itself does not reach the target."
     elif k_loses and v_loses:
         verdict = REPRODUCED
@@ -635,7 +658,9 @@ def text_section(sweep: Sweep, command: str) -> Section:
                      "-" if mv is None or mk is None else f"{mk - mv:+.3f}",
                      fmt_stats(iv), fmt_stats(ik)])
     clear = [s for s, d, sp in lower if d < -sp]
-    if lower and len(clear) == len(lower):
+    if not lower:
+        verdict, reason = NOT_RUN, "no size has finished runs of both variants yet."
+    elif len(clear) == len(lower):
         verdict = REPRODUCED
         reason = ("KV-shift's validation loss is lower at every size, by more than the seed "
                   "spread: " + ", ".join(f"{s} {d:+.3f} nats/byte" for s, d, _ in lower) + ".")
@@ -663,8 +688,12 @@ def text_section(sweep: Sweep, command: str) -> Section:
                 if c is None:
                     continue
                 steps, vals = c
+                ok = ~np.isnan(vals).all(0)
+                if not ok.any():
+                    continue
                 fig.add_trace(go.Scatter(
-                    x=steps, y=np.nanmedian(vals, 0).tolist(), mode="lines",
+                    x=[st for st, keep in zip(steps, ok, strict=True) if keep],
+                    y=np.nanmedian(vals[:, ok], 0).tolist(), mode="lines",
                     name=f"{v} {s}", legendgroup=f"{v} {s}", showlegend=col == 1,
                     line=dict(color=_color(i), dash="solid" if v == "kvshift" else "dash")),
                     row=1, col=col)

@@ -239,3 +239,25 @@ def test_multihop_cells_compare_kvshift_with_vanilla(tmp_path: Path) -> None:
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     sec = section(tmp_path, "multihop")
     assert sec.verdict == PARTLY and sec.numbers["worse"] == ["hop1/2L"]
+
+
+def test_half_finished_sweeps_are_not_judged(tmp_path: Path) -> None:
+    """A verdict needs every group it compares: until then the section says "not run"."""
+    folder = tmp_path / "ngram"
+    mark(folder)
+    task = {"name": "ngram", "d_vocab": 16, "seq_len": 32, "support": 2}
+    fake_run(folder, "vanilla__1K__seed0", [0.1, 0.5], task=task)
+    assert section(tmp_path, "ngram").verdict == NOT_RUN
+    folder = tmp_path / "width"
+    mark(folder)
+    fake_run(folder, "kvshift_1L__d16__seed0", [0.1, 0.95])
+    sec = section(tmp_path, "width")
+    assert sec.verdict == NOT_RUN and "vanilla_2L__d16" in sec.reason
+    folder = tmp_path / "ablation"
+    mark(folder)
+    fake_run(folder, "kv__seed0", ramp(100))
+    assert section(tmp_path, "ablation").verdict == NOT_RUN
+    folder = tmp_path / "text"
+    mark(folder)
+    fake_run(folder, "kvshift__d64__seed0", [0.1, 0.2], task={"name": "text"})
+    assert section(tmp_path, "text").verdict == NOT_RUN
