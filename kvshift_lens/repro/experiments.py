@@ -73,7 +73,8 @@ def depth(quick: bool) -> dict[str, Any]:
 WIDTHS = {"d8": {"model": {"d_model": 8, "d_head": 4}},
           "d16": {"model": {"d_model": 16, "d_head": 4}},
           "d32": {"model": {"d_model": 32, "d_head": 8}},
-          "d64": {"model": {"d_model": 64, "d_head": 16}}}
+          "d64": {"model": {"d_model": 64, "d_head": 16}},
+          "d128": {"model": {"d_model": 128, "d_head": 32}}}
 
 
 def width(quick: bool) -> dict[str, Any]:

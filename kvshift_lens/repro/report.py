@@ -12,6 +12,7 @@ markdown file is carried over to the new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -579,14 +580,18 @@ def landscape_section(sweep: Sweep, command: str, grid: int = 21) -> Section:
     with torch.enable_grad():
         land = loss_landscape(model, task, layer=0, heads=None, grid=grid, n_sequences=32,
                               seed=1234)
-    a, b = np.meshgrid(land.a1.numpy(), land.b1.numpy(), indexing="ij")
-    g = land.grad.numpy()
-    to_target = np.stack([0.0 - a, 1.0 - b], -1)
-    dist = np.linalg.norm(to_target, axis=-1)
-    gnorm = np.linalg.norm(g, axis=-1)
-    ok = (dist > 0.15) & (gnorm > 0)
-    toward = float(((-g * to_target).sum(-1)[ok] > 0).mean()) if ok.any() else float("nan")
+    toward = toward_fraction(land)
     lo_a, lo_b = land.argmin()
+    # The paper: the flow towards (0, 1) is more consistent the longer the sequences (its O(T)
+    # term). The same trained model, the same plane, shorter and longer induction sequences.
+    by_length = {}
+    seq_lens = sorted({max(8, task.seq_len // 4), max(8, task.seq_len // 2), task.seq_len})
+    for seq_len in seq_lens:
+        other = dataclasses.replace(task, seq_len=seq_len, max_length=None)
+        with torch.enable_grad():
+            land_t = loss_landscape(model, other, layer=0, heads=None, grid=max(5, grid // 2 + 1),
+                                    n_sequences=32, seed=1234)
+        by_length[seq_len] = (toward_fraction(land_t), land_t.argmin())
     # Where every head of every convex run ended, and the paths of the first run.
     ends = []
     for r in runs:
@@ -620,12 +625,29 @@ def landscape_section(sweep: Sweep, command: str, grid: int = 21) -> Section:
             f"coefficients set through the hooks to (a, 1 − a, b, 1 − b), {grid}x{grid} grid "
             f"over [−0.5, 1.5]²; the trained model's own loss {land.model_loss:.3f}, the grid's "
             f"lowest {float(land.loss.min()):.3f}.\n\n"
+            + table(["induction seq_len", "descent towards (0, 1)", "lowest loss at (α1, β1)"],
+                    [[n, f"{f:.0%}", f"({lo[0]:.2f}, {lo[1]:.2f})"]
+                     for n, (f, lo) in by_length.items()])
+            + "\n\nWhere the trained heads of every convex run ended:\n\n"
             + table(["run", "head", "α1 (end)", "β1 (end)"],
                     [[r.name, h, f"{coeffs_end[0]:.3f}", f"{coeffs_end[1]:.3f}"]
                      for r, h, coeffs_end in _ends_by_run(sweep, runs)]))
     return Section("landscape", title, claim, command, verdict, reason, body,
                    {"landscape": fig}, {"toward_fraction": toward, "argmin": (lo_a, lo_b),
-                                        "ends": ends}, "")
+                                        "ends": ends, "by_seq_len": by_length}, "")
+
+
+def toward_fraction(land: Any, target: tuple[float, float] = (0.0, 1.0),
+                    exclude: float = 0.15) -> float:
+    """The share of grid points (farther than ``exclude`` from ``target``) where the descent
+    direction ``-grad`` has a positive component towards ``target``."""
+    a, b = np.meshgrid(np.asarray(land.a1), np.asarray(land.b1), indexing="ij")
+    g = np.asarray(land.grad)
+    to_target = np.stack([target[0] - a, target[1] - b], -1)
+    ok = (np.linalg.norm(to_target, axis=-1) > exclude) & (np.linalg.norm(g, axis=-1) > 0)
+    if not ok.any():
+        return float("nan")
+    return float(((-g * to_target).sum(-1)[ok] > 0).mean())
 
 
 def _ends_by_run(sweep: Sweep, runs: Sequence[RunRecord]):

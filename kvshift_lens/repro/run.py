@@ -42,10 +42,25 @@ def _check_folder(folder: Path, name: str, quick: bool, spec: dict) -> None:
             old = json.loads(sweep.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old is not None and old != load_sweep_spec(spec):
+        if old is not None and not extends(old, load_sweep_spec(spec)):
             raise ValueError(
                 f"{sweep} differs from the current {name!r} spec (the experiment changed since "
                 "it ran); use another --out, or --overwrite to rerun it")
+
+
+def extends(old: dict, new: dict) -> bool:
+    """Whether the sweep ``new`` only adds to ``old``: the same base, and every variant and size
+    of ``old`` unchanged (new variants, sizes and seeds may be added). Finished runs of ``old``
+    are then runs of ``new`` too, so they are kept and only the new ones run."""
+    if old.get("base") != new.get("base"):
+        return False
+    for key in ("variants", "sizes"):
+        before, after = old.get(key) or {}, new.get(key) or {}
+        if (key == "sizes") and bool(before) != bool(after):
+            return False
+        if any(name not in after or after[name] != over for name, over in before.items()):
+            return False
+    return True
 
 
 def run_experiments(
@@ -85,4 +100,4 @@ def run_experiments(
     return summaries
 
 
-__all__ = ["MARKER", "check_names", "run_experiments"]
+__all__ = ["MARKER", "check_names", "extends", "run_experiments"]

@@ -70,7 +70,7 @@ def test_changed_spec_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "ablation"
     folder.mkdir()
     spec = EXPERIMENTS["ablation"].spec(quick=True)
-    spec["seeds"] = [5]
+    spec["variants"]["kv"]["model"]["shift_window"] = 3
     (folder / "sweep.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="differs from the current 'ablation' spec"):
         run_experiments(tmp_path, ["ablation"], quick=True)
@@ -89,3 +89,20 @@ def test_cli_repro(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["repro", "report", str(tmp_path), "--markdown", "x.txt"]) == 2
     assert "must name a .md file" in capsys.readouterr().err
     assert main(["repro", "run", "--jobs", "0"]) == 2
+
+
+def test_an_experiment_may_grow_but_not_change() -> None:
+    from kvshift_lens.repro.run import extends
+
+    old = load_sweep_spec(EXPERIMENTS["width"].spec())
+    grown = json.loads(json.dumps(old))
+    grown["sizes"]["d256"] = {"model": {"d_model": 256, "d_head": 64}}
+    grown["seeds"] = [*old["seeds"], 9]
+    assert extends(old, grown) and extends(old, old)
+    assert not extends(grown, old)  # a size removed
+    changed = json.loads(json.dumps(old))
+    changed["sizes"]["d8"]["model"]["d_head"] = 2
+    assert not extends(old, changed)
+    rebased = json.loads(json.dumps(old))
+    rebased["base"]["train"]["lr"] = 3e-3
+    assert not extends(old, rebased)

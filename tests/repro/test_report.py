@@ -261,3 +261,22 @@ def test_half_finished_sweeps_are_not_judged(tmp_path: Path) -> None:
     mark(folder)
     fake_run(folder, "kvshift__d64__seed0", [0.1, 0.2], task={"name": "text"})
     assert section(tmp_path, "text").verdict == NOT_RUN
+
+
+def test_toward_fraction_on_known_fields() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from kvshift_lens.repro.report import toward_fraction
+
+    axis = np.linspace(-0.5, 1.5, 5)  # contains the induction point (0, 1) as a grid point
+    a, b = np.meshgrid(axis, axis, indexing="ij")
+    bowl = SimpleNamespace(a1=axis, b1=axis, grad=np.stack([2 * a, 2 * (b - 1)], -1))
+    assert toward_fraction(bowl) == 1.0  # a bowl centred on (0, 1): every step goes there
+    away = SimpleNamespace(a1=axis, b1=axis, grad=-bowl.grad)
+    assert toward_fraction(away) == 0.0
+    # a constant slope downhill towards -alpha1: towards (0, 1) exactly where alpha1 > 0;
+    # 24 points count (the target itself is left out), 15 of them have alpha1 > 0
+    slope = SimpleNamespace(a1=axis, b1=axis, grad=np.stack([np.ones_like(a), 0 * b], -1))
+    assert toward_fraction(slope) == pytest.approx(15 / 24)
