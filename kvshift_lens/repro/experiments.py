@@ -121,13 +121,16 @@ def ngram(quick: bool) -> dict[str, Any]:
 
 def multihop(quick: bool) -> dict[str, Any]:
     """Multi-hop induction: 1, 2 and 3 hops (sizes) x depth 1-3 x vanilla / KV-shift
-    (variants). Stops at 90% to save time; runs that never get there use every step."""
+    (variants), 1500 steps, and 2 hops again with 6000 steps. Stops at 90% to save time; runs that
+    never get there use every step."""
     depths = (1, 2) if quick else (1, 2, 3)
     variants = {}
     for kind, shift in (("vanilla", VANILLA), ("kvshift", KV)):
         for n in depths:
             variants[f"{kind}_{n}L"] = {"model": {"n_layers": n, **shift}}
     hops = {f"hop{h}": {"task": {"hops": h}} for h in (1, 2, 3)}
+    # Nothing learned two hops in 1500 steps: the same task with four times the budget.
+    hops["hop2-long"] = {"task": {"hops": 2}, "train": {"steps": 6000}}
     return {
         "base": {"model": dict(INDUCTION_MODEL),
                  "task": {"name": "multi_hop", "d_vocab": 32, "seq_len": 32},
