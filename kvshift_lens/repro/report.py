@@ -369,6 +369,7 @@ def ngram_section(sweep: Sweep, command: str) -> Section:
     first = sweep.specs[sweep.finished[0].name]
     task = build_task(dict(first["task"]))
     ceiling = float(task.max_accuracy)
+    target = float(first.get("train", {}).get("target_accuracy", TARGET))
     rel = {v: {s: [a / ceiling for a in sweep.final(v, s, "eval/accuracy")] for s in sizes}
            for v in ("vanilla", "kvshift")}
     rows, same, diffs = [], [], {}
@@ -377,13 +378,16 @@ def ngram_section(sweep: Sweep, command: str) -> Section:
         params = parameter_count(sweep.folder / runs[0].name) if runs else None
         mv, mk = med(rel["vanilla"][s]), med(rel["kvshift"][s])
         if mv is None or mk is None:
-            rows.append([s, "-", fmt_stats(rel["vanilla"][s]), fmt_stats(rel["kvshift"][s]), "-"])
+            rows.append([s, "-", fmt_stats(rel["vanilla"][s]), fmt_stats(rel["kvshift"][s]), "-",
+                         "-", "-"])
             continue
         tol = max(0.02, spread(rel["vanilla"][s]), spread(rel["kvshift"][s]))
         diffs[s] = mk - mv
         same.append(abs(mk - mv) <= tol)
         rows.append([s, f"{params:,}" if params else "-", fmt_stats(rel["vanilla"][s]),
-                     fmt_stats(rel["kvshift"][s]), f"{mk - mv:+.3f} (tolerance {tol:.3f})"])
+                     fmt_stats(rel["kvshift"][s]), f"{mk - mv:+.3f} (tolerance {tol:.3f})",
+                     steps_to_target(sweep.runs("vanilla", s))[1],
+                     steps_to_target(sweep.runs("kvshift", s))[1]])
     if not same:
         verdict, reason = NOT_RUN, "no size has finished runs of both variants yet."
     elif all(same):
@@ -409,7 +413,8 @@ def ngram_section(sweep: Sweep, command: str) -> Section:
     body = (f"Task: {first['task']} — exact Bayes-optimal accuracy {ceiling:.3f}, loss "
             f"{float(task.min_loss):.3f} nats.\n\n"
             + table(["size", "parameters", "vanilla (accuracy / ceiling)",
-                     "kvshift (accuracy / ceiling)", "kvshift − vanilla (median)"], rows))
+                     "kvshift (accuracy / ceiling)", "kvshift − vanilla (median)",
+                     f"vanilla steps to {target:.2f}", f"kvshift steps to {target:.2f}"], rows))
     return Section("ngram", exp.title, exp.claim, command, verdict, reason, body,
                    {"ngram": fig}, {"relative_accuracy": rel, "ceiling": ceiling},
                    _runs_line(sweep))
@@ -519,7 +524,7 @@ def ablation_section(sweep: Sweep, command: str) -> Section:
     elif k_loses or v_loses:
         verdict = PARTLY
         fast = "keys only" if not k_loses else "values only"
-        slow = "values only" if not v_loses else "keys only"
+        slow = "keys only" if k_loses else "values only"
         reason = (f"{slow} loses the gain, but {fast} learns one-layer induction as fast as "
                   "KV or faster")
         reason += "; convex coefficients learn it too." if convex_ok else "."
