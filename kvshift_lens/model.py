@@ -89,6 +89,29 @@ def _index_grid(shape: torch.Size) -> list[tuple[int, ...]]:
         *[torch.arange(n) for n in shape]).reshape(-1, len(shape)).tolist()]
 
 
+def is_coefficient_hook(name: str) -> bool:
+    """Whether a hook name is a shift-coefficient hook (``hook_shift_{q,k,v}``: ``[head, lag]``,
+    no batch or position axis)."""
+    return name.split(".")[-1].startswith("hook_shift_")
+
+
+class KVShiftActivationCache(ActivationCache):
+    """TransformerLens' ActivationCache, except that :meth:`remove_batch_dim` leaves the
+    coefficient hooks alone: they have no batch axis, and TransformerLens would squeeze the head
+    axis of a model with a single key/value head."""
+
+    def remove_batch_dim(self, batch_size: int | None = None) -> ActivationCache:
+        if not self.has_batch_dim:
+            return super().remove_batch_dim(batch_size)
+        kept = {k: v for k, v in self.cache_dict.items() if is_coefficient_hook(k)}
+        if batch_size is None:
+            others = [v for k, v in self.cache_dict.items() if k not in kept and v.ndim > 0]
+            batch_size = others[0].shape[0] if others else 1
+        super().remove_batch_dim(batch_size)
+        self.cache_dict.update(kept)
+        return self
+
+
 class HookedKVShiftTransformer(HookedRootModule):
     """A hooked decoder-only transformer with KV shifting attention.
 
@@ -180,7 +203,7 @@ class HookedKVShiftTransformer(HookedRootModule):
             name = hook.name + ("_grad" if is_backward else "")
             x = tensor.detach().to(device)
             pos_dim = getattr(hook, "pos_dim", None)
-            has_pos = not name.split(".")[-1].startswith("hook_shift_")
+            has_pos = not is_coefficient_hook(name)
             if remove_batch_dim and has_pos:
                 x = x[0]
             if has_pos and pos_slice.slice is not None:
@@ -205,7 +228,8 @@ class HookedKVShiftTransformer(HookedRootModule):
         out, cache_dict = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim,
                                                  **kwargs)
         if return_cache_object:
-            return out, ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+            return out, KVShiftActivationCache(cache_dict, self,
+                                               has_batch_dim=not remove_batch_dim)
         return out, cache_dict
 
     # ------------------------------------------------------------------ forward

@@ -652,6 +652,26 @@ def test_remove_batch_dim_batch_one():
         model.run_with_cache(tokens_for(model, batch=2), remove_batch_dim=True)
 
 
+def test_remove_batch_dim_keeps_a_single_kv_heads_coefficients():
+    """TransformerLens squeezes every entry whose first axis is 1; the coefficient hooks'
+    first axis is the KV head, so a model with one KV head would lose it. Ours keeps it, and
+    every other entry matches run_with_cache(remove_batch_dim=True)."""
+    model = make(n_key_value_heads=1)
+    set_random_shift(model)
+    tokens = tokens_for(model, batch=1)
+    _, later = model.run_with_cache(tokens)
+    later.remove_batch_dim()
+    _, nob = model.run_with_cache(tokens, remove_batch_dim=True)
+    assert tuple(later["blocks.0.attn.hook_shift_k"].shape) == (1, 2)
+    assert torch.equal(later["blocks.0.attn.hook_shift_k"],
+                       model.blocks[0].attn.coefficients("k").detach())
+    assert set(later.keys()) == set(nob.keys())
+    for name in nob.keys():
+        assert torch.equal(later[name], nob[name]), name
+    with pytest.raises(AssertionError, match="batch size 2"):
+        model.run_with_cache(tokens_for(model, batch=2))[1].remove_batch_dim()
+
+
 # ================================================================== 8. device / dtype
 
 
