@@ -163,13 +163,14 @@ def ablation(quick: bool) -> dict[str, Any]:
 
 
 TEXT_TASK = {"name": "text", "tokenizer": "byte", "seq_len": 128, "max_files": 400}
-TEXT_SIZES = {"d64": {"model": {"d_model": 64, "d_head": 16}},
+TEXT_SIZES = {"d32": {"model": {"d_model": 32, "d_head": 8}},
+              "d64": {"model": {"d_model": 64, "d_head": 16}},
               "d128": {"model": {"d_model": 128, "d_head": 32}}}
 
 
 def text(quick: bool) -> dict[str, Any]:
     """Validation loss and in-context-learning score on the embedded corpus (bytes), 2-layer
-    models at two widths, the same token budget for both variants."""
+    models at three widths, the same token budget for both variants."""
     task = dict(TEXT_TASK)
     if quick:
         task.update(seq_len=32, max_files=30, val_fraction=0.3)

@@ -56,7 +56,7 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     assert f"kvshift repro run depth --out {out} --jobs 2 --quick" in text
     # text runs log the in-context-learning score with every evaluation
     evals = [json.loads(x) for x in
-             (out / "text" / "kvshift__d64__seed0" / "metrics.jsonl").read_text().splitlines()]
+             (out / "text" / "kvshift__d32__seed0" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/icl_score" in e for e in evals)
     # a full run into the quick folder is refused before anything runs
     with pytest.raises(ValueError, match="holds a quick run of 'depth'"):
