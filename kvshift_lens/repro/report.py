@@ -690,7 +690,7 @@ def text_section(sweep: Sweep, command: str) -> Section:
     elif len(clear) == len(lower):
         verdict = REPRODUCED
         reason = ("KV-shift's validation loss is lower at every size, by more than the seed "
-                  "spread: " + ", ".join(f"{s} {d:+.3f} nats/byte" for s, d, _ in lower) + ".")
+                  "spread: " + ", ".join(f"{s} {d:+.3f} nats/token" for s, d, _ in lower) + ".")
     elif clear or any(d < 0 for _, d, _ in lower):
         verdict = PARTLY
         reason = ("KV-shift is lower at " + ", ".join(f"{s} ({d:+.3f})" for s, d, _ in lower
@@ -722,11 +722,14 @@ def text_section(sweep: Sweep, command: str) -> Section:
                     x=[st for st, keep in zip(steps, ok, strict=True) if keep],
                     y=np.nanmedian(vals[:, ok], 0).tolist(), mode="lines",
                     name=f"{v} {s}", legendgroup=f"{v} {s}", showlegend=col == 1,
-                    line=dict(color=_color(i), dash="solid" if v == "kvshift" else "dash")),
+                    line=dict(color=_color(i), dash="solid" if v == "kvshift" else "dot")),
                     row=1, col=col)
-            i += 1
+        i += 1
     fig.update_xaxes(title_text="step")
-    fig.update_layout(title="Text (embedded corpus, bytes): median over seeds",
+    task_spec = sweep.specs[sweep.finished[0].name].get("task", {})
+    fig.update_layout(title=f"Text ({task_spec.get('source', 'stdlib')} corpus, "
+                            f"{task_spec.get('tokenizer', 'byte')} tokens): median over seeds; "
+                            "solid kvshift, dotted vanilla",
                       template="plotly_white", height=420, width=900,
                       legend=dict(orientation="h", y=-0.22))
     first = sweep.specs[sweep.finished[0].name]
