@@ -280,3 +280,17 @@ def test_toward_fraction_on_known_fields() -> None:
     # 24 points count (the target itself is left out), 15 of them have alpha1 > 0
     slope = SimpleNamespace(a1=axis, b1=axis, grad=np.stack([np.ones_like(a), 0 * b], -1))
     assert toward_fraction(slope) == pytest.approx(15 / 24)
+
+
+def test_multihop_gain_at_one_hop_only_is_partly(tmp_path: Path) -> None:
+    folder = tmp_path / "multihop"
+    mark(folder)
+    task = {"name": "multi_hop", "d_vocab": 32, "seq_len": 32}
+    final = {("vanilla", "hop1"): 0.02, ("kvshift", "hop1"): 1.0,
+             ("vanilla", "hop2-long"): 0.05, ("kvshift", "hop2-long"): 0.06}
+    for (kind, hop), acc in final.items():
+        for seed in range(2):
+            fake_run(folder, f"{kind}_1L__{hop}__seed{seed}", [0.0, acc], task=task)
+    sec = section(tmp_path, "multihop")
+    assert sec.verdict == PARTLY and sec.numbers["better"] == ["hop1/1L"]
+    assert "only at one hop" in sec.reason
