@@ -35,6 +35,7 @@ from kvshift_lens.train.sweep import (
     SweepSummary,
     summarize,
 )
+from kvshift_lens.viz.report import read_metrics
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN = "reproduced", "partly", "not reproduced", "not run"
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN)
@@ -44,20 +45,6 @@ TARGET = 0.9
 # ---------------------------------------------------------------------------------------------
 # Reading a sweep
 # ---------------------------------------------------------------------------------------------
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 @dataclass
@@ -83,11 +70,12 @@ class Sweep:
         return 0 if self.summary is None else sum(r.status != "finished"
                                                   for r in self.summary.runs)
 
-    def curve(self, variant: str, size: str | None, key: str
+    def curve(self, variant: str, size: str | None, key: str, hold_last: bool = False
               ) -> tuple[list[int], np.ndarray] | None:
         """``(steps, values[n_seeds, n_steps])`` of ``key`` over the evaluations of every
         finished run of the group; steps a run did not reach are NaN (runs stopped at target
-        end early)."""
+        end early), or with ``hold_last`` its last value (a run stopped at its target is taken
+        to stay there)."""
         runs = self.runs(variant, size)
         if not runs:
             return None
@@ -95,6 +83,11 @@ class Sweep:
         steps = sorted({s for d in per_run for s in d})
         values = np.array([[np.nan if d.get(s) is None else float(d[s]) for s in steps]
                            for d in per_run], dtype=float)
+        if hold_last:
+            for row in values:
+                seen = np.flatnonzero(~np.isnan(row))
+                if seen.size:
+                    row[seen[-1] + 1:] = row[seen[-1]]
         return steps, values
 
     def final(self, variant: str, size: str | None, key: str) -> list[float]:
@@ -130,7 +123,8 @@ def load_sweep(root: str | Path, name: str) -> Sweep:
     summary = summarize(folder, write=False)
     sweep = Sweep(name, folder, summary, quick)
     for r in sweep.finished:
-        sweep.evals[r.name] = [e for e in _read_jsonl(folder / r.name / METRICS_FILE)
+        metrics = folder / r.name / METRICS_FILE
+        sweep.evals[r.name] = [e for e in (read_metrics(metrics) if metrics.is_file() else [])
                                if e.get("kind") == "eval"]
         try:
             sweep.specs[r.name] = json.loads((folder / r.name / RUN_FILE).read_text())
@@ -490,6 +484,50 @@ def multihop_section(sweep: Sweep, command: str) -> Section:
                     "better": better, "worse": worse}, _runs_line(sweep))
 
 
+def hop2_deep_section(sweep: Sweep, command: str) -> Section:
+    exp = EXPERIMENTS["hop2_deep"]
+    if not sweep.finished:
+        return _not_run(sweep, exp.title, exp.claim, command)
+    variants = ("vanilla_3L", "kvshift_3L")
+    rows, numbers = [], {}
+    for v in variants:
+        runs = sweep.runs(v)
+        m, cell, n = steps_to_target(runs)
+        acc = sweep.final(v, None, "eval/accuracy")
+        numbers[v] = {"reached": n, "runs": len(runs), "final_accuracy": acc,
+                      "steps_to_target_median": m}
+        rows.append([v, f"{n}/{len(runs)}", cell, fmt_stats(acc)])
+    missing = _missing(sweep, variants)
+    kv, va = numbers["kvshift_3L"], numbers["vanilla_3L"]
+    gap = (med(kv["final_accuracy"]) or 0.0) - (med(va["final_accuracy"]) or 0.0)
+    if missing:
+        verdict, reason = NOT_RUN, missing
+    elif kv["reached"] > va["reached"] and gap > 0.05:
+        verdict = REPRODUCED
+        reason = (f"{kv['reached']} of {kv['runs']} KV-shift seeds learn two hops, "
+                  f"{va['reached']} of {va['runs']} vanilla seeds; median final accuracy "
+                  f"{gap:+.2f}.")
+    elif va["reached"] > kv["reached"] and gap < -0.05:
+        verdict = NOT_REPRODUCED
+        reason = (f"vanilla learns two hops more often ({va['reached']} vs {kv['reached']} "
+                  "seeds).")
+    else:
+        verdict = PARTLY
+        reason = (f"{kv['reached']} of {kv['runs']} KV-shift and {va['reached']} of {va['runs']} "
+                  f"vanilla seeds learn two hops; median final accuracy {gap:+.2f}.")
+    from kvshift_lens.viz.figures import seed_band_curves
+
+    series = {v: c for v in variants
+              if (c := sweep.curve(v, None, "eval/accuracy", hold_last=True)) is not None}
+    fig = seed_band_curves(series, "Two-hop query accuracy, three layers (median, min–max; a "
+                                   "run stopped at 90% is held there)", "eval accuracy",
+                           y_range=(0, 1.02), hline=TARGET)
+    body = table(["model", f"reached {TARGET:.0%}", f"steps to {TARGET:.0%}",
+                  "final accuracy"], rows)
+    return Section("hop2_deep", exp.title, exp.claim, command, verdict, reason, body,
+                   {"hop2_deep": fig}, numbers, _runs_line(sweep))
+
+
 ABLATION_LABELS = {
     "kv": "keys and values shifted (the paper)", "k_only": "keys only", "v_only": "values only",
     "convex": "coefficients convex (0 to 1)", "window2": "window 2 (lags 0-2)",
@@ -769,6 +807,9 @@ RULES = {
                 "Reproduced when never worse and better in some cell of two or more hops; partly "
                 "when never worse and better only at one hop (plain induction) or nowhere, or "
                 "when mixed; not reproduced when only worse.",
+    "hop2_deep": "reproduced when more KV-shift seeds than vanilla seeds reach 90% and "
+                 "KV-shift's median final accuracy is higher by more than 0.05; not reproduced "
+                 "when the same holds the other way round; partly otherwise.",
     "ablation": "reproduced when both keys-only and values-only need more steps to 90% than KV "
                 "(medians; a run that never gets there counts as infinitely many); partly when "
                 "one of them does.",
@@ -782,8 +823,8 @@ RULES = {
 
 SECTIONS: dict[str, Callable[..., Section]] = {
     "depth": depth_section, "width": width_section, "ngram": ngram_section,
-    "multihop": multihop_section, "ablation": ablation_section, "landscape": landscape_section,
-    "text": text_section,
+    "multihop": multihop_section, "hop2_deep": hop2_deep_section,
+    "ablation": ablation_section, "landscape": landscape_section, "text": text_section,
 }
 """Report sections in order; ``landscape`` reads the ``ablation`` folder."""
 

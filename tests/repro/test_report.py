@@ -294,3 +294,31 @@ def test_multihop_gain_at_one_hop_only_is_partly(tmp_path: Path) -> None:
     sec = section(tmp_path, "multihop")
     assert sec.verdict == PARTLY and sec.numbers["better"] == ["hop1/1L"]
     assert "only at one hop" in sec.reason
+
+
+def test_hop2_deep_counts_seeds_that_learn(tmp_path: Path) -> None:
+    folder = tmp_path / "hop2_deep"
+    mark(folder)
+    task = {"name": "multi_hop", "d_vocab": 32, "seq_len": 32, "hops": 2}
+    for seed in range(4):
+        fake_run(folder, f"vanilla_3L__seed{seed}", [0.05, 0.1], task=task, every=3000)
+        learned = seed < 3
+        fake_run(folder, f"kvshift_3L__seed{seed}", [0.05, 0.95 if learned else 0.2], task=task,
+                 every=3000)
+    sec = section(tmp_path, "hop2_deep")
+    assert sec.verdict == REPRODUCED
+    assert sec.numbers["kvshift_3L"]["reached"] == 3 and sec.numbers["vanilla_3L"]["reached"] == 0
+    assert "3 of 4 KV-shift seeds" in sec.reason and "+0.85" in sec.reason
+
+
+def test_curves_can_hold_a_stopped_runs_last_value(tmp_path: Path) -> None:
+    folder = tmp_path / "depth"
+    mark(folder)
+    fake_run(folder, "kv__seed0", [0.1, 0.5, 0.95])           # stopped at step 50
+    fake_run(folder, "kv__seed1", [0.1, 0.2, 0.3, 0.4, 0.6])  # ran to step 100
+    sweep = load_sweep(tmp_path, "depth")
+    steps, values = sweep.curve("kv", None, "eval/accuracy")
+    assert steps == [0, 25, 50, 75, 100] and math.isnan(values[0, 3])
+    _, held = sweep.curve("kv", None, "eval/accuracy", hold_last=True)
+    assert held[0].tolist() == [0.1, 0.5, 0.95, 0.95, 0.95]
+    assert held[1].tolist() == [0.1, 0.2, 0.3, 0.4, 0.6]
