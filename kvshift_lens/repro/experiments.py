@@ -9,7 +9,7 @@ or extended with ``kvshift sweep OUT/<experiment>/sweep.json --out OUT/<experime
 of steps, one seed and at most two sizes, with small text. Its numbers mean nothing; it exists so
 the whole pipeline (training, summaries, figures, report) is exercised in the test suite.
 
-The full set is budgeted for about an hour on 2 CPU cores with ``--jobs 2`` (BENCHMARKS.md has the
+The full set takes about 70 minutes on 2 CPU cores with ``--jobs 2`` (BENCHMARKS.md has the
 measured wall times).
 """
 

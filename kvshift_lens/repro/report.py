@@ -862,7 +862,7 @@ def render_markdown(sections: Sequence[Section], figure_links: Mapping[str, str]
         "`kvshift_lens.repro.report`; each verdict follows the rule stated in its section "
         "(`kvshift_lens/repro/report.py`), and hand-written notes sit between `notes` markers, "
         "which regeneration keeps.", "",
-        "Rerun everything (about an hour on 2 CPU cores) and rebuild this file:", "",
+        "Rerun everything (about 70 minutes on 2 CPU cores) and rebuild this file:", "",
         "```bash",
         f"kvshift repro run --out {root} --jobs 2{' --quick' if quick else ''}",
         f"kvshift repro report {root} --markdown REPRODUCTION.md --figures docs/reproduction",
