@@ -33,7 +33,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/speed.py
 
-# The paper's toy experiments (about 70 minutes on 2 cores), then REPRODUCTION.md and its figures.
+# The paper's toy experiments (about 80 minutes on 2 cores), then REPRODUCTION.md and its figures.
 repro: install
 	$(BIN)/kvshift repro run --out runs/repro --jobs 2
 	$(BIN)/kvshift repro report runs/repro --markdown REPRODUCTION.md --figures docs/reproduction

@@ -250,7 +250,7 @@ REPRO_DESCRIPTION = """\
 Reproduce the paper's toy results (REPRODUCTION.md). Each experiment is a sweep with one folder
 per run under OUT/<experiment>/:
 
-  kvshift repro run --out runs/repro --jobs 2          # every experiment, about 70 minutes
+  kvshift repro run --out runs/repro --jobs 2          # every experiment, about 80 minutes
   kvshift repro run depth width --out runs/repro       # some of them
   kvshift repro report runs/repro                      # REPRODUCTION.md + docs/reproduction/*.png
   kvshift repro spec depth > depth.json                # a spec to edit and run with kvshift sweep

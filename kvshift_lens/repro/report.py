@@ -775,15 +775,19 @@ def text_section(sweep: Sweep, command: str) -> Section:
         i += 1
     fig.update_xaxes(title_text="step")
     task_spec = sweep.specs[sweep.finished[0].name].get("task", {})
+    tokenizers = sorted({str(sweep.specs[r.name].get("task", {}).get("tokenizer", "byte"))
+                         for r in sweep.finished})
     fig.update_layout(title=f"Text ({task_spec.get('source', 'stdlib')} corpus, "
-                            f"{task_spec.get('tokenizer', 'byte')} tokens): median over seeds; "
+                            f"{' and '.join(tokenizers)} tokens): median over seeds; "
                             "solid kvshift, dotted vanilla",
                       template="plotly_white", height=420, width=900,
                       legend=dict(orientation="h", y=-0.22))
     first = sweep.specs[sweep.finished[0].name]
     train = first.get("train", {})
-    body = (f"Task: {first.get('task')}; {train.get('steps')} steps of {train.get('batch_size')} "
-            f"windows for every model (the same token budget). ICL score: mean loss on the last "
+    body = (f"Task: {first.get('task')} (sizes may override it: see `sweep.json`); "
+            f"{train.get('steps')} steps of {train.get('batch_size')} "
+            f"windows for every model (the same token budget). Losses are per token of each "
+            f"size's tokenizer, so compare within a row. ICL score: mean loss on the last "
             f"tokens of a window minus on tokens near its start (negative: more context helps; "
             f"TextTask.metrics).\n\n"
             + table(["size", "parameters", "vanilla val loss", "kvshift val loss",
@@ -862,7 +866,7 @@ def render_markdown(sections: Sequence[Section], figure_links: Mapping[str, str]
         "`kvshift_lens.repro.report`; each verdict follows the rule stated in its section "
         "(`kvshift_lens/repro/report.py`), and hand-written notes sit between `notes` markers, "
         "which regeneration keeps.", "",
-        "Rerun everything (about 70 minutes on 2 CPU cores) and rebuild this file:", "",
+        "Rerun everything (about 80 minutes on 2 CPU cores) and rebuild this file:", "",
         "```bash",
         f"kvshift repro run --out {root} --jobs 2{' --quick' if quick else ''}",
         f"kvshift repro report {root} --markdown REPRODUCTION.md --figures docs/reproduction",
