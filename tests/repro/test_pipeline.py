@@ -106,3 +106,21 @@ def test_an_experiment_may_grow_but_not_change() -> None:
     rebased = json.loads(json.dumps(old))
     rebased["base"]["train"]["lr"] = 3e-3
     assert not extends(old, rebased)
+
+
+def test_cli_repro_run_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r"
+    assert main(["repro", "run", "ablation", "--quick", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ablation: 10 runs finished" in printed and f"kvshift repro report {out}" in printed
+    md = tmp_path / "R.md"
+    assert main(["repro", "report", str(out), "--markdown", str(md), "--no-static",
+                 "--landscape-grid", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {md}" in printed and "figures: 0 written" in printed
+    lines = {line.split()[0]: line for line in printed.splitlines() if line[:1].isalpha()}
+    assert "not run" in lines["depth"] and "not run" not in lines["ablation"]
+    assert "## 6. Ablations" in md.read_text()
+    # the quick folder refuses a full run, with one line naming the folder
+    assert main(["repro", "run", "ablation", "--out", str(out)]) == 2
+    assert "holds a quick run of 'ablation'" in capsys.readouterr().err
