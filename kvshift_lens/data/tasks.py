@@ -280,14 +280,17 @@ class SyntheticTask(abc.ABC):
         """Length of every sampled sequence, BOS included (a model needs ``n_ctx >= seq_len``)."""
 
     @property
-    @abc.abstractmethod
     def max_accuracy(self) -> float:
-        """The Bayes-optimal accuracy on masked positions (see the class docstring)."""
+        """The Bayes-optimal accuracy on masked positions (see the module docstring): 1.0 for a
+        task whose rule determines every masked next token, the default; stochastic tasks
+        override it."""
+        return 1.0
 
     @property
-    @abc.abstractmethod
     def min_loss(self) -> float:
-        """The Bayes-optimal masked cross-entropy in nats (see the class docstring)."""
+        """The Bayes-optimal masked cross-entropy in nats: 0.0 for a deterministic rule, the
+        default; stochastic tasks override it."""
+        return 0.0
 
     @abc.abstractmethod
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
@@ -404,14 +407,6 @@ class InductionTask(SyntheticTask):
                 "distinct and one content token is kept for filler)",
             )
 
-    @property
-    def max_accuracy(self) -> float:
-        return 1.0
-
-    @property
-    def min_loss(self) -> float:
-        return 0.0
-
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         _check_sample_args(batch_size, generator)
         b, n_pos, first, n = batch_size, self.seq_len, self.first_token, self.n_content
@@ -501,14 +496,6 @@ class RepeatedTokensTask(SyntheticTask):
     def seq_len(self) -> int:
         return self.first_token + self.run_length * self.n_repeats
 
-    @property
-    def max_accuracy(self) -> float:
-        return 1.0
-
-    @property
-    def min_loss(self) -> float:
-        return 0.0
-
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         _check_sample_args(batch_size, generator)
         first, n = self.first_token, self.n_content
@@ -597,14 +584,6 @@ class AssociativeRecallTask(SyntheticTask):
     def seq_len(self) -> int:
         return self.first_token + 2 * (self.n_pairs + self.n_queries)
 
-    @property
-    def max_accuracy(self) -> float:
-        return 1.0
-
-    @property
-    def min_loss(self) -> float:
-        return 0.0
-
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         _check_sample_args(batch_size, generator)
         b = batch_size
@@ -690,14 +669,6 @@ class MultiHopInductionTask(SyntheticTask):
                 f"it must be <= d_vocab - bos - 2 = {self.n_content - 2} (the chain's hops + 1 "
                 "tokens are distinct and one content token is kept for filler)",
             )
-
-    @property
-    def max_accuracy(self) -> float:
-        return 1.0
-
-    @property
-    def min_loss(self) -> float:
-        return 0.0
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         _check_sample_args(batch_size, generator)
