@@ -646,12 +646,9 @@ def landscape_section(sweep: Sweep, command: str, grid: int = 21) -> Section:
                                     n_sequences=32, seed=1234)
         by_length[seq_len] = (toward_fraction(land_t), land_t.argmin())
     # Where every head of every convex run ended, and the paths of the first run.
-    ends = []
-    for r in runs:
-        steps, coeffs = eval_coefficients(sweep.evals[r.name])
-        for h in range(coeffs["k"].shape[2]):
-            ends.append((float(coeffs["k"][-1, 0, h, 0]), float(coeffs["v"][-1, 0, h, 0])))
-    steps, coeffs = eval_coefficients(sweep.evals[run.name])
+    by_head = list(_ends_by_run(sweep, runs))
+    ends = [end for _, _, end in by_head]
+    _, coeffs = eval_coefficients(sweep.evals[run.name])
     paths = {head_label(0, h): (coeffs["k"][:, 0, h, 0].tolist(), coeffs["v"][:, 0, h, 0].tolist())
              for h in range(coeffs["k"].shape[2])}
     a_end = [e[0] for e in ends]
@@ -684,7 +681,7 @@ def landscape_section(sweep: Sweep, command: str, grid: int = 21) -> Section:
             + "\n\nWhere the trained heads of every convex run ended:\n\n"
             + table(["run", "head", "α1 (end)", "β1 (end)"],
                     [[r.name, h, f"{coeffs_end[0]:.3f}", f"{coeffs_end[1]:.3f}"]
-                     for r, h, coeffs_end in _ends_by_run(sweep, runs)]))
+                     for r, h, coeffs_end in by_head]))
     return Section("landscape", title, claim, command, verdict, reason, body,
                    {"landscape": fig}, {"toward_fraction": toward, "argmin": (lo_a, lo_b),
                                         "ends": ends, "by_seq_len": by_length}, "")
