@@ -12,13 +12,25 @@ Axis vocabulary, used in every shape annotation and einops pattern:
 Importing the package changes no global state.
 """
 
-from kvshift_lens.checkpoint import CheckpointError
-from kvshift_lens.config import KVShiftConfig
-from kvshift_lens.model import HookedKVShiftTransformer, KVShiftCache, ShiftCoefficients
-from kvshift_lens.shift import shift
-from kvshift_lens.tokenizer import byte_level_tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Public names and the module each lives in. They are imported on first use, so that
+# ``import kvshift_lens`` (and the ``kvshift`` command line's --help) does not pay for torch and
+# TransformerLens until something needs them.
+_EXPORTS = {
+    "CheckpointError": "kvshift_lens.checkpoint",
+    "HookedKVShiftTransformer": "kvshift_lens.model",
+    "KVShiftCache": "kvshift_lens.model",
+    "KVShiftConfig": "kvshift_lens.config",
+    "ShiftCoefficients": "kvshift_lens.model",
+    "byte_level_tokenizer": "kvshift_lens.tokenizer",
+    "shift": "kvshift_lens.shift",
+}
 
 __all__ = [
     "CheckpointError",
@@ -29,3 +41,23 @@ __all__ = [
     "byte_level_tokenizer",
     "shift",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvshift_lens.checkpoint import CheckpointError
+    from kvshift_lens.config import KVShiftConfig
+    from kvshift_lens.model import HookedKVShiftTransformer, KVShiftCache, ShiftCoefficients
+    from kvshift_lens.shift import shift
+    from kvshift_lens.tokenizer import byte_level_tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvshift_lens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,83 +1,132 @@
 """Checkpoints: a folder with ``config.json`` and ``model.safetensors`` (never pickle).
 
-``config.json`` = ``{"format": "kvshift_lens", "format_version": 1, "config": {...}}``. A tokenizer,
-when the model has one, goes beside them (``tokenizer.json``, or a Hugging Face tokenizer's own
-files). Files are written to temporary names and renamed into place, so an interrupted save never
-leaves a half-written checkpoint under the real names.
+``config.json`` = ``{"format": "kvshift_lens", "format_version": 1, "weights_sha256": ..., "config":
+{...}}``. A tokenizer, when the model has one, goes beside them (``tokenizer.json``, or a Hugging
+Face tokenizer's own files).
+
+Guarantees:
+
+- **Atomic**: every file is first written to a temporary name beside its target and flushed; only
+  when all of them are written are they renamed into place, the config last. A save that fails
+  part-way (a full disk, an exception) leaves the previous checkpoint untouched and no temporary
+  file behind.
+- **Checked**: ``weights_sha256`` is the SHA-256 of ``model.safetensors`` as written. Loading
+  verifies it, so a bit flip, a truncated copy or a save killed between two renames is refused
+  with :class:`CheckpointError` instead of loading wrong numbers; so are weights holding NaN or
+  inf (``allow_nonfinite=True`` loads them anyway, for forensics), tensors whose names, shapes or
+  dtypes do not match the config, and folders whose tokenizer would run code.
+
+This module knows the file format and the config, not the model class: the model's
+``from_pretrained`` reads a checkpoint through :func:`read_checkpoint` and builds itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kvshift_lens._files import (
+    commit_staged,
+    discard_staged,
+    sha256_file,
+    temp_path_for,
+    write_staged,
+)
 from kvshift_lens.config import KVShiftConfig
-
-if TYPE_CHECKING:
-    from kvshift_lens.model import HookedKVShiftTransformer
+from kvshift_lens.tokenizer import load_tokenizer, save_tokenizer
 
 FORMAT = "kvshift_lens"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete, corrupt or does not match its config."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _stage_tokenizer(tokenizer: Any, out: Path) -> dict[Path, Path]:
+    """Write the tokenizer's files into a scratch folder inside ``out``, then move each beside
+    its target under a temporary name: ``{target: staged temporary file}``."""
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer.", suffix=".tmp"))
+    staged: dict[Path, Path] = {}
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_tokenizer(tokenizer, scratch)
+        for f in sorted(scratch.iterdir()):
+            target = out / f.name
+            tmp = temp_path_for(target)
+            os.replace(f, tmp)
+            staged[target] = tmp
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        discard_staged(staged)
         raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return staged
 
 
-def save_pretrained(model: HookedKVShiftTransformer, directory: str | os.PathLike) -> Path:
-    """Write ``model`` to ``directory`` (created if needed). Returns the folder."""
+def save_checkpoint_files(
+    directory: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: KVShiftConfig,
+    tokenizer: Any = None,
+) -> Path:
+    """Write a checkpoint folder (see the module docstring); returns the folder.
+
+    Raises:
+        CheckpointError: ``directory`` exists and is not a folder.
+    """
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(
-        tensors, p, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.cfg.to_dict()}
-    _atomic_write(out / CONFIG_FILE,
-                  lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
-    tok = model.tokenizer
-    if tok is not None:
-        if hasattr(tok, "save_pretrained"):
-            tok.save_pretrained(str(out))
-        else:
-            _atomic_write(out / TOKENIZER_FILE, lambda p: tok.save(p))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    staged: dict[Path, Path] = {}
+    try:
+        if tokenizer is not None:
+            staged.update(_stage_tokenizer(tokenizer, out))
+        weights = write_staged(out / WEIGHTS_FILE, lambda p: save_file(
+            tensors, p, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
+        staged[out / WEIGHTS_FILE] = weights
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "weights_sha256": sha256_file(weights), "config": config.to_dict()}
+        text = json.dumps(meta, indent=2, sort_keys=True)
+        staged[out / CONFIG_FILE] = write_staged(
+            out / CONFIG_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    except BaseException:
+        discard_staged(staged)
+        raise
+    commit_staged(staged)  # the config (and its checksum) last
     return out
 
 
-def load_config(directory: str | os.PathLike) -> KVShiftConfig:
-    """Read and validate ``config.json`` of a checkpoint folder."""
-    path = Path(directory) / CONFIG_FILE
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"checkpoint folder {directory} does not exist")
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_meta(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: not a kvshift_lens checkpoint folder")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -88,60 +137,96 @@ def load_config(directory: str | os.PathLike) -> KVShiftConfig:
             f"{path} has format_version={version!r}; this kvshift_lens reads version "
             f"{FORMAT_VERSION}"
         )
+    return meta
+
+
+def load_config(directory: str | os.PathLike) -> KVShiftConfig:
+    """Read and validate ``config.json`` of a checkpoint folder."""
+    path = Path(directory) / CONFIG_FILE
+    meta = _read_meta(Path(directory))
     try:
         return KVShiftConfig.from_dict(meta.get("config"))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid config: {e}") from None
 
 
-def load_pretrained(directory: str | os.PathLike, device: str | None = None):
-    """Load a checkpoint folder written by :func:`save_pretrained`."""
-    from kvshift_lens.model import HookedKVShiftTransformer
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """``(name, count)`` of the first floating-point tensor holding NaN or inf, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return name, bad
+    return None
 
+
+def read_checkpoint(
+    directory: str | os.PathLike, allow_nonfinite: bool = False
+) -> tuple[KVShiftConfig, dict[str, torch.Tensor], Any]:
+    """Read and verify a checkpoint folder: ``(config, state_dict, tokenizer or None)``.
+
+    Raises:
+        CheckpointError: a missing, corrupt (checksum or format), non-finite (unless
+            ``allow_nonfinite``) or code-running checkpoint, naming the file and the problem.
+    """
     folder = Path(directory)
+    meta = _read_meta(folder)
     cfg = load_config(folder)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing")
+    expected = meta.get("weights_sha256")
+    if expected is not None and sha256_file(weights) != expected:
+        raise CheckpointError(
+            f"{weights} does not match the checksum in {folder / CONFIG_FILE}: the file is "
+            "corrupt, was changed after saving, or a save was interrupted")
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is corrupt or not a safetensors file ({e})") from None
-    cfg.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = HookedKVShiftTransformer(cfg, tokenizer=_load_tokenizer(folder))
-    expected = model.state_dict()
+    bad = None if allow_nonfinite else first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(
+            f"{weights}: tensor {bad[0]} holds {bad[1]} non-finite value(s) (NaN/inf); refusing "
+            "to load it (allow_nonfinite=True loads it anyway, for inspection)")
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(str(e)) from None
+    return cfg, state, tokenizer
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: Path
+) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``expected``'s names, shapes
+    and dtypes (``source`` names the file in the message)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights} does not match its config: missing {missing[:8]}"
+            f"{source} does not match its config: missing {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
             f"{'...' if len(unexpected) > 8 else ''}"
         )
     for k, v in state.items():
         if v.shape != expected[k].shape:
             raise CheckpointError(
-                f"{weights}: tensor {k} has shape {tuple(v.shape)}, config expects "
+                f"{source}: tensor {k} has shape {tuple(v.shape)}, config expects "
                 f"{tuple(expected[k].shape)}"
             )
         if v.dtype != expected[k].dtype:
             raise CheckpointError(
-                f"{weights}: tensor {k} has dtype {v.dtype}, config says {expected[k].dtype}")
-    model.load_state_dict(state)
-    return model
+                f"{source}: tensor {k} has dtype {v.dtype}, config says {expected[k].dtype}")
 
 
-def _load_tokenizer(folder: Path):
-    if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if (folder / TOKENIZER_FILE).is_file():
-        from tokenizers import Tokenizer
-
-        try:
-            return Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise CheckpointError(f"{folder / TOKENIZER_FILE} is not a valid tokenizer ({e})") \
-                from None
-    return None
+__all__ = [
+    "CONFIG_FILE",
+    "CheckpointError",
+    "WEIGHTS_FILE",
+    "check_state_dict",
+    "first_nonfinite",
+    "load_config",
+    "read_checkpoint",
+    "save_checkpoint_files",
+]

@@ -7,6 +7,9 @@ stderr and exit code 2; a run whose loss became NaN/inf ends with exit code 3; o
 failures show a traceback (set ``KVSHIFT_TRACEBACK=1`` to see one for the others too).
 
 Data parallel training: ``torchrun --nproc_per_node 2 -m kvshift_lens.cli train ...``.
+
+The parser imports neither torch nor TransformerLens (``kvshift --help`` answers at once); each
+command imports what it needs.
 """
 
 from __future__ import annotations
@@ -14,29 +17,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from kvshift_lens.checkpoint import CheckpointError
-from kvshift_lens.config import (
-    NormalizationType,
-    PositionalEmbeddingType,
-    ShiftInit,
-    ShiftParam,
-)
-from kvshift_lens.train.config import TrainConfig
-from kvshift_lens.train.sweep import DEFAULT_SHIFT_INIT
+from kvshift_lens.options import NormalizationType, PositionalEmbeddingType, ShiftInit, ShiftParam
+from kvshift_lens.run_folder import FINAL_DIR, RUN_FILE, RunFolderError
+from kvshift_lens.train.config import DEFAULT_SHIFT_INIT, TrainConfig
 from kvshift_lens.train.tasks import task_names
-from kvshift_lens.train.trainer import RunFolderError, TrainingDiverged
 
 PROG = "kvshift"
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_RUNS_FAILED = 1
-RUN_FILE = "run.json"
 
 SHIFT_MODES = {
     "kv": {"shift_k": True, "shift_v": True, "shift_q": False},
@@ -386,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "experiment) and PNG figures. Notes between '<!-- notes:NAME "
                                     "-->' markers in an existing report are kept.")
     r.add_argument("root", metavar="DIR", help="the folder 'kvshift repro run --out' wrote")
-    r.add_argument("--markdown", default="REPRODUCTION.md", metavar="FILE.md",
-                   help="the report to write")
-    r.add_argument("--figures", default="docs/reproduction", metavar="DIR",
-                   help="where the PNG figures go")
+    r.add_argument("--markdown", default=None, metavar="FILE.md",
+                   help="the report to write (None: REPRODUCTION.md for a full set, DIR/"
+                        "REPRODUCTION.md for a --quick one, which never replaces a full report)")
+    r.add_argument("--figures", default=None, metavar="DIR",
+                   help="where the PNG figures go (None: docs/reproduction for a full set, "
+                        "DIR/figures for a --quick one)")
     r.add_argument("--no-static", dest="static", action="store_false", default=True,
                    help="write no PNG figures (they need kaleido and Chrome/Chromium)")
     r.add_argument("--landscape-grid", type=_grid_size, default=21, metavar="N",
@@ -547,32 +545,35 @@ def _fmt_metrics(metrics: Mapping[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
-    from kvshift_lens.train.sweep import prepare_run_spec, write_result
+    from kvshift_lens.train.config import resolve_run_spec
+    from kvshift_lens.train.sweep import write_result
     from kvshift_lens.train.trainer import train
 
+    if str(args.out).strip() == "":
+        raise CLIError("--out is empty; name the run folder to write")
     spec_dict = _train_spec_dict(args, explicit)
     try:
-        spec = prepare_run_spec(spec_dict)
+        run = resolve_run_spec(spec_dict)
     except (ValueError, TypeError) as e:
         raise CLIError(f"invalid config: {e}") from None
     out = Path(args.out)
     try:
-        result = train(spec, out, resume=args.resume, overwrite=args.overwrite)
-    except (RunFolderError, CheckpointError, TrainingDiverged):
-        raise
-    except ValueError as e:  # task/model mismatch, unavailable device, batch vs processes
+        result = train(run, out, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as e:  # run folder, checkpoint: passed on; device, batch vs processes
+        if _is_user_error(e):
+            raise
         raise CLIError(str(e)) from None
     finally:
         _destroy_process_group()
     if _is_main_process():
         write_result(out, result, resumed=args.resume)
-        target = spec.train.target_accuracy
+        target = run.train.target_accuracy
         reached = (f"step {result.steps_to_target}" if result.steps_to_target is not None
                    else f"not reached in {result.steps} steps")
         print(f"finished {result.steps} steps in {out} ({result.tokens_per_second:,.0f} tokens/s)")
         print(f"steps to target (accuracy >= {target:g}): {reached}")
         print(f"final: {_fmt_metrics(result.final_metrics)}")
-        print(f"model: {out / 'final'}  metrics: {out / 'metrics.jsonl'}")
+        print(f"model: {out / FINAL_DIR}  metrics: {out / 'metrics.jsonl'}")
     return 0
 
 
@@ -613,6 +614,7 @@ def _log(line: str) -> None:
 def _find_checkpoint(path: Path) -> tuple[Path, Path | None]:
     """(model folder, run folder or None) for a run folder or a checkpoint folder."""
     from kvshift_lens.checkpoint import CONFIG_FILE
+    from kvshift_lens.run_folder import model_folder
 
     if not path.exists():
         raise CLIError(f"run folder or checkpoint {path} does not exist")
@@ -623,46 +625,19 @@ def _find_checkpoint(path: Path) -> tuple[Path, Path | None]:
             if (parent / RUN_FILE).is_file():
                 return path, parent
         return path, None
-    if (path / "final" / CONFIG_FILE).is_file():
-        return path / "final", path
     if (path / RUN_FILE).is_file():
-        from kvshift_lens.train.state import latest_checkpoint
-
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
+        found = model_folder(path)
+        if found is None:
             raise CLIError(f"run {path} has no final/ model and no checkpoint yet")
-        return ckpt, path
+        return found, path
     raise CLIError(f"{path} is neither a run folder (with final/) nor a checkpoint folder "
                    "(with config.json)")
 
 
-def evaluate_model(model, task, batch_size: int, n_batches: int, seed: int,
-                   device: Any = "cpu") -> dict[str, float]:
-    """Mean of ``task.metrics`` over ``n_batches`` evaluation batches, drawn like the trainer's
-    evaluation: ``task.eval_batches`` when the task has it (text), else ``task.sample`` with a
-    generator seeded with ``seed``."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    batches = (task.eval_batches(batch_size, n_batches) if hasattr(task, "eval_batches")
-               else (task.sample(batch_size, gen) for _ in range(n_batches)))
-    sums: dict[str, float] = {}
-    n = 0
-    with torch.no_grad():
-        for batch in batches:
-            batch = batch.to(device)
-            for k, v in task.metrics(model(batch.tokens).float(), batch).items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-    model.train(was_training)
-    return {k: v / max(n, 1) for k, v in sums.items()}
-
-
 def cmd_eval(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     from kvshift_lens.model import HookedKVShiftTransformer
-    from kvshift_lens.train.tasks import build_eval_task, build_task
+    from kvshift_lens.train.evaluation import evaluate
+    from kvshift_lens.train.tasks import build_tasks
     from kvshift_lens.train.trainer import resolve_device
 
     ckpt, run_dir = _find_checkpoint(Path(args.path))
@@ -673,7 +648,7 @@ def cmd_eval(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     task_spec = _task_spec(args, explicit, run_task if isinstance(run_task, dict) else None, None,
                            f"{ckpt} has no run.json beside it")
     try:
-        task = build_eval_task(task_spec, build_task(task_spec))  # text: the validation split
+        _, task = build_tasks(task_spec)  # text: the validation split
     except (ValueError, TypeError) as e:
         raise CLIError(f"invalid task: {e}") from None
     run_train = run.get("train", {}) if run else {}
@@ -691,14 +666,18 @@ def cmd_eval(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     if model.cfg.n_ctx < task.seq_len:
         raise CLIError(f"model n_ctx={model.cfg.n_ctx} is shorter than the task's "
                        f"seq_len={task.seq_len}")
-    metrics = evaluate_model(model, task, batch_size, n_batches, seed, device)
+    metrics = evaluate(model, task, batch_size, n_batches, seed, device)
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise CLIError(f"the model in {ckpt} gives a non-finite {bad[0]} ({metrics[bad[0]]}) on "
+                       "this task; its weights are finite, so it has diverged numerically")
     print(json.dumps({"checkpoint": str(ckpt), "task": task_spec, "batches": n_batches,
                       "batch_size": batch_size, "seed": seed, "metrics": metrics}, indent=2))
     return 0
 
 
 def cmd_report(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
-    from kvshift_lens.viz.report import ReportError, generate_report
+    from kvshift_lens.report import ReportError, generate_report
 
     out = Path(args.out) if args.out is not None else None
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
@@ -742,11 +721,11 @@ def cmd_repro_run(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
 def cmd_repro_report(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
     from kvshift_lens.repro.report import build_report
 
-    if Path(args.markdown).suffix.lower() != ".md":
+    if args.markdown is not None and Path(args.markdown).suffix.lower() != ".md":
         raise CLIError(f"--markdown {args.markdown} must name a .md file")
     try:
-        result = build_report(args.root, args.markdown, args.figures, static=args.static,
-                              landscape_grid=args.landscape_grid)
+        result = build_report(args.root, args.markdown or "", args.figures or "",
+                              static=args.static, landscape_grid=args.landscape_grid)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     for s in result.sections:
@@ -792,24 +771,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(os.environ.get("KVSHIFT_TRACEBACK"))
     try:
         return args.func(args, explicit)
-    except TrainingDiverged as e:
-        if debug:
-            raise
-        print(_one_line(prog, f"training diverged: {e}"), file=sys.stderr)
-        return EXIT_DIVERGED
-    except (CLIError, RunFolderError, CheckpointError) as e:
-        if debug:
-            raise
-        print(_one_line(prog, str(e)), file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as e:  # a path that cannot be read or written
-        if debug or e.filename is None:
-            raise
-        print(_one_line(prog, f"{e.strerror}: {e.filename}"), file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print(_one_line(prog, "interrupted"), file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - user errors become one line, the rest a traceback
+        if debug:
+            raise
+        if _is_diverged(e):
+            print(_one_line(prog, f"training diverged: {e}"), file=sys.stderr)
+            return EXIT_DIVERGED
+        if isinstance(e, CLIError) or _is_user_error(e):
+            print(_one_line(prog, str(e)), file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(e, OSError) and e.filename is not None:  # a path that cannot be read/written
+            print(_one_line(prog, f"{e.strerror}: {e.filename}"), file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+def _loaded_class(module: str, name: str) -> type | None:
+    """A class from a module that is already imported (an exception of a module that was never
+    imported cannot have been raised)."""
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None) if mod is not None else None
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """A mistake the user can fix: a run folder or checkpoint problem."""
+    classes = [RunFolderError, _loaded_class("kvshift_lens.checkpoint", "CheckpointError")]
+    return any(c is not None and isinstance(e, c) for c in classes)
+
+
+def _is_diverged(e: BaseException) -> bool:
+    cls = _loaded_class("kvshift_lens.train.trainer", "TrainingDiverged")
+    return cls is not None and isinstance(e, cls)
 
 
 if __name__ == "__main__":

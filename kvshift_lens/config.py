@@ -9,20 +9,23 @@ what was expected, so a bad config never reaches a forward pass.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import torch
 from transformer_lens.config import TransformerLensConfig
 
-PositionalEmbeddingType = Literal["standard", "rotary", "shortformer", "none"]
-NormalizationType = Literal["LN", "RMS", "LNPre", "RMSPre"]
-ActFn = Literal["gelu", "gelu_new", "relu", "silu"]
-ShiftParam = Literal["free", "convex"]
-ShiftInit = Literal["identity", "uniform", "normal", "induction"]
-ShiftPosition = Literal["pre_rotary", "post_rotary"]
+from kvshift_lens.options import (  # noqa: F401 - the choices, re-exported
+    ActFn,
+    AttentionDir,
+    NormalizationType,
+    PositionalEmbeddingType,
+    ShiftInit,
+    ShiftParam,
+    ShiftPosition,
+    check_choice,
+    check_field_types,
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -63,6 +66,10 @@ class KVShiftConfig(TransformerLensConfig):
     previous token, values the current one); ``shift_position`` pre_rotary (the shifted key is
     treated as belonging to position t, then rotated) or post_rotary.
 
+    ``seed``: when set, the model's initial weights are drawn from a generator seeded with it
+    (unless a generator is passed to the model); ``attention_dir`` is always "causal" (accepted
+    for HookedTransformer configs).
+
     Hook flags (TransformerLens meanings): ``use_attn_result``, ``use_split_qkv_input``,
     ``use_attn_in``, ``use_hook_mlp_in``. ``use_sdpa`` lets attention use
     ``scaled_dot_product_attention`` when nothing hooks or caches the scores or pattern.
@@ -93,6 +100,9 @@ class KVShiftConfig(TransformerLensConfig):
     use_hook_mlp_in: bool = False
     use_sdpa: bool = True
 
+    seed: int | None = None
+    attention_dir: str = "causal"
+
     def __post_init__(self) -> None:
         if isinstance(self.dtype, str):
             if self.dtype not in _DTYPES:
@@ -100,7 +110,7 @@ class KVShiftConfig(TransformerLensConfig):
                     f"dtype={self.dtype!r} is not supported; expected one of {sorted(_DTYPES)}"
                 )
             self.dtype = _DTYPES[self.dtype]
-        _check_field_types(self)
+        check_field_types(self)
         for name in ("d_model", "d_head", "n_layers", "n_ctx"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -138,15 +148,15 @@ class KVShiftConfig(TransformerLensConfig):
         if self.parallel_attn_mlp and self.attn_only:
             raise ValueError("parallel_attn_mlp=True needs an MLP; it cannot be combined with "
                              "attn_only=True")
-        _check_choice("positional_embedding_type", self.positional_embedding_type,
+        check_choice("positional_embedding_type", self.positional_embedding_type,
                       PositionalEmbeddingType)
         if self.normalization_type is not None:
-            _check_choice("normalization_type", self.normalization_type, NormalizationType,
+            check_choice("normalization_type", self.normalization_type, NormalizationType,
                           extra="or None")
-        _check_choice("act_fn", self.act_fn, ActFn)
-        _check_choice("shift_param", self.shift_param, ShiftParam)
-        _check_choice("shift_init", self.shift_init, ShiftInit)
-        _check_choice("shift_position", self.shift_position, ShiftPosition)
+        check_choice("act_fn", self.act_fn, ActFn)
+        check_choice("shift_param", self.shift_param, ShiftParam)
+        check_choice("shift_init", self.shift_init, ShiftInit)
+        check_choice("shift_position", self.shift_position, ShiftPosition)
         if self.shift_window < 1:
             raise ValueError(
                 f"shift_window={self.shift_window} must be >= 1 (1 mixes t and t-1, as in the "
@@ -172,6 +182,12 @@ class KVShiftConfig(TransformerLensConfig):
             )
         if self.init_range <= 0:
             raise ValueError(f"init_range={self.init_range} must be > 0")
+        if self.eps <= 0:
+            raise ValueError(f"eps={self.eps} must be > 0 (the norms divide by sqrt(var + eps))")
+        if self.rotary_base <= 0:
+            raise ValueError(f"rotary_base={self.rotary_base} must be > 0")
+        check_choice("attention_dir", self.attention_dir, AttentionDir,
+                     extra="(a KV-shift model is a causal decoder)")
         # Derived flags TransformerLens utilities read.
         self.uses_rms_norm = self.normalization_type in ("RMS", "RMSPre")
         self.final_rms = self.uses_rms_norm
@@ -212,51 +228,3 @@ class KVShiftConfig(TransformerLensConfig):
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**config_dict)
-
-
-def _check_choice(name: str, value: Any, choices: Any, extra: str = "") -> None:
-    allowed = get_args(choices)
-    if value not in allowed:
-        more = f" {extra}" if extra else ""
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}{more}")
-
-
-def _check_field_types(cfg: KVShiftConfig) -> None:
-    """Reject values of the wrong Python type (e.g. ``d_model="64"``) with the field's name."""
-    hints = typing.get_type_hints(type(cfg))
-    for field in dataclasses.fields(cfg):
-        if field.name in ("dtype", "device"):
-            continue
-        value = getattr(cfg, field.name)
-        expected = hints.get(field.name)
-        if expected is None or _matches(value, expected):
-            continue
-        raise TypeError(
-            f"config field {field.name}={value!r} has type {type(value).__name__}; "
-            f"expected {_type_name(expected)}"
-        )
-
-
-def _matches(value: Any, expected: Any) -> bool:
-    origin = get_origin(expected)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is Any:
-        return True
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(expected, type):
-        return isinstance(value, expected)
-    return True
-
-
-def _type_name(expected: Any) -> str:
-    if get_origin(expected) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(expected))
-    return "None" if expected is type(None) else getattr(expected, "__name__", str(expected))

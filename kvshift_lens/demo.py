@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = None
     try:
-        from kvshift_lens.viz.report import write_report
+        from kvshift_lens.report import write_report
 
         report = write_report(kv_dir, out / "report.html", landscape_grid=11)
     except ImportError:  # the visualisation extra is optional for the library

@@ -9,7 +9,9 @@ Axis vocabulary: batch, pos, head, kv_head, lag, d_model, d_head, d_mlp, d_vocab
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -21,9 +23,12 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.utilities import Slice
 
+from kvshift_lens import generate as generation
+from kvshift_lens.checkpoint import check_state_dict, read_checkpoint, save_checkpoint_files
 from kvshift_lens.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from kvshift_lens.components.attention import LayerKVCache
 from kvshift_lens.config import KVShiftConfig
+from kvshift_lens.processing import fold_layer_norm
 from kvshift_lens.shift import init_coefficients, project_to_simplex
 from kvshift_lens.tokenizer import TokenizerAdapter
 
@@ -490,6 +495,11 @@ class HookedKVShiftTransformer(HookedRootModule):
                 values[which] = torch.stack(per_layer).detach().clone()
         return ShiftCoefficients(values)
 
+    def shift_parameters(self) -> list[nn.Parameter]:
+        """The shift-coefficient parameters (``blocks.{l}.attn.shift_{q,k,v}``)."""
+        return [p for name, p in self.named_parameters()
+                if name.rsplit(".", 1)[-1].startswith("shift_")]
+
     @torch.no_grad()
     def constrain_shift_(self) -> None:
         """Project stored coefficients onto their constraint set (no-op for ``free``). A
@@ -528,9 +538,7 @@ class HookedKVShiftTransformer(HookedRootModule):
         """Greedy or sampled continuation. With ``use_past_kv_cache`` each step feeds only the new
         token and the cache (shifted K/V plus the raw K/V tail) supplies the rest; without it every
         step recomputes the whole prefix. Returns token ids, or a string for string input."""
-        from kvshift_lens.generate import generate
-
-        return generate(self, input, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        return generation.generate(self, input, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, use_past_kv_cache=use_past_kv_cache,
                         generator=generator, prepend_bos=prepend_bos)
@@ -547,23 +555,41 @@ class HookedKVShiftTransformer(HookedRootModule):
         ``(beta1 + beta2) * b_V`` everywhere but position 0, so folding it into ``b_O`` is not
         exact. A tied unembedding is untied (folding ``ln_final`` changes ``W_U`` alone).
         """
-        from kvshift_lens.processing import fold_layer_norm
-
         fold_layer_norm(self, center_writing_weights=center_writing_weights,
                         center_unembed=center_unembed)
         return self
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory) -> None:
-        from kvshift_lens.checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the model to a checkpoint folder (``config.json`` + ``model.safetensors`` and the
+        tokenizer), atomically and with a checksum; see :mod:`kvshift_lens.checkpoint`."""
+        return save_checkpoint_files(directory, self.state_dict(), self.cfg, self.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory, device: str | None = None) -> HookedKVShiftTransformer:
-        from kvshift_lens.checkpoint import load_pretrained
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        device: str | None = None,
+        allow_nonfinite: bool = False,
+    ) -> HookedKVShiftTransformer:
+        """Load a checkpoint folder written by :meth:`save_pretrained`, in eval mode.
 
-        return load_pretrained(directory, device=device)
+        Args:
+            directory: the checkpoint folder.
+            device: where to put the model (default: CUDA when available, else CPU).
+            allow_nonfinite: load weights holding NaN/inf instead of refusing them (to inspect
+                a diverged run).
+
+        Raises:
+            CheckpointError: the folder is missing, corrupt, does not match its config, holds
+                non-finite weights or a tokenizer that would run code.
+        """
+        cfg, state, tokenizer = read_checkpoint(directory, allow_nonfinite=allow_nonfinite)
+        cfg.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = cls(cfg, tokenizer=tokenizer)
+        check_state_dict(model.state_dict(), state, Path(directory) / "model.safetensors")
+        model.load_state_dict(state)
+        return model.eval()
 
 
 def lm_cross_entropy(

@@ -8,6 +8,8 @@ kinds, so the rest of the toolkit never branches on the tokenizer's type.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -81,3 +83,48 @@ class TokenizerAdapter:
 
     def token_str(self, i: int) -> str:
         return self.decode([i])
+
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
+    """Write ``tokenizer`` into ``folder``: a Hugging Face tokenizer's own files, or
+    ``tokenizer.json`` for a ``tokenizers.Tokenizer``."""
+    folder = Path(folder)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(folder))
+    else:
+        tokenizer.save(str(folder / TOKENIZER_FILE))
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in ``folder``, or None when there is none. Never runs code from the
+    folder: a ``tokenizer_config.json`` naming custom code (``auto_map``) is refused.
+
+    Raises:
+        ValueError: a tokenizer file that is invalid or asks to run code.
+    """
+    folder = Path(folder)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            meta = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config} is not valid JSON ({e})") from None
+        if isinstance(meta, dict) and "auto_map" in meta:
+            raise ValueError(
+                f"{config} names custom tokenizer code (auto_map); kvshift_lens never runs code "
+                "from a checkpoint folder. Remove the auto_map entry if the tokenizer is a "
+                "standard one")
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                             trust_remote_code=False)
+    if (folder / TOKENIZER_FILE).is_file():
+        try:
+            return Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"{folder / TOKENIZER_FILE} is not a valid tokenizer ({e})") \
+                from None
+    return None

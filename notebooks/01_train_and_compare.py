@@ -76,7 +76,7 @@ Markdown(summary.to_markdown())
 # %%
 import plotly.graph_objects as go
 
-from kvshift_lens.viz.report import read_metrics
+from kvshift_lens.run_folder import read_metrics
 
 fig = go.Figure()
 for run in summary.runs:

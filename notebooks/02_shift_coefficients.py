@@ -60,7 +60,7 @@ if not (run_dir / "final").is_dir():
     train(spec, run_dir, overwrite=True)
 
 # %%
-from kvshift_lens.viz.report import load_run, summarize_run
+from kvshift_lens.report import load_run, summarize_run
 
 run = load_run(run_dir)  # run.json, metrics.jsonl and the final model (on CPU)
 summary = summarize_run(run)

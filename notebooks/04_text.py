@@ -81,15 +81,15 @@ Markdown(summary.to_markdown())
 # %%
 import plotly.graph_objects as go
 
-from kvshift_lens.cli import evaluate_model
 from kvshift_lens.model import HookedKVShiftTransformer
-from kvshift_lens.viz.report import read_metrics
+from kvshift_lens.run_folder import read_metrics
+from kvshift_lens.train import evaluate
 
 models = {r.variant: HookedKVShiftTransformer.from_pretrained(sweep_dir / r.name / "final",
                                                               device="cpu").eval()
           for r in summary.runs}
-val_loss = {name: evaluate_model(m, val_text, batch_size=16, n_batches=4 if FAST else 64,
-                                 seed=0)["loss"] for name, m in models.items()}
+val_loss = {name: evaluate(m, val_text, batch_size=16, n_batches=4 if FAST else 64,
+                           seed=0)["loss"] for name, m in models.items()}
 print("validation loss (nats/byte):", {k: round(v, 4) for k, v in val_loss.items()})
 
 fig = go.Figure()

@@ -199,13 +199,20 @@ def masked_metrics(logits: Float[Tensor, "batch pos d_vocab"], batch: Any) -> di
             f"{tuple(mask.shape)} must agree on [batch, pos]")
     if bool(mask[:, -1].any()):
         raise ValueError("mask must be False at the last position, which has no next token")
-    sel = logits[mask].float()
+    sel = logits[mask]
     target = tokens[:, 1:][mask[:, :-1]]
     if target.numel() == 0:
         raise ValueError("the batch has no masked positions, so there is nothing to score")
+    # The loss as kvshift_lens.data.tasks computes it: ignored targets where mask is False.
+    targets = torch.full_like(tokens, -100)
+    targets[:, :-1] = tokens[:, 1:]
+    targets = targets.masked_fill(~mask, -100)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     return {
         "accuracy": float((sel.argmax(-1) == target).float().mean()),
-        "loss": float(F.cross_entropy(sel, target)),
+        "loss": float(loss),
         "n_predictions": float(target.numel()),
     }
 

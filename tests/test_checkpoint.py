@@ -60,15 +60,101 @@ def test_missing_folder_and_files(tmp_path):
         HookedKVShiftTransformer.from_pretrained(tmp_path)
 
 
+def _drop_checksum(folder):
+    """Make the checkpoint look like one written before checksums existed."""
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    del meta["weights_sha256"]
+    (folder / CONFIG_FILE).write_text(json.dumps(meta))
+
+
 def test_corrupt_safetensors(tmp_path):
     _saved(tmp_path)
     path = tmp_path / WEIGHTS_FILE
-    path.write_bytes(path.read_bytes()[:-100])  # truncated
+    good = path.read_bytes()
+    path.write_bytes(good[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="does not match the checksum in .*config.json"):
+        HookedKVShiftTransformer.from_pretrained(tmp_path)
+    _drop_checksum(tmp_path)  # without a checksum, safetensors itself notices
     with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
         HookedKVShiftTransformer.from_pretrained(tmp_path)
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(CheckpointError, match="corrupt"):
         HookedKVShiftTransformer.from_pretrained(tmp_path)
+
+
+def test_a_flipped_bit_is_refused_not_loaded(tmp_path):
+    """A single bit flipped inside a tensor's bytes still parses as safetensors, so only the
+    checksum can catch it."""
+    model = _saved(tmp_path)
+    path = tmp_path / WEIGHTS_FILE
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x10  # inside the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        HookedKVShiftTransformer.from_pretrained(tmp_path)
+    _drop_checksum(tmp_path)  # what loading without the check would have given: wrong weights
+    loaded = HookedKVShiftTransformer.from_pretrained(tmp_path)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                      loaded.state_dict().values()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_refused_unless_asked_for(tmp_path, bad):
+    model = build()
+    with torch.no_grad():
+        model.blocks[1].attn.W_O[0, 1, 2] = bad
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"tensor blocks.1.attn.W_O holds 1 non-finite"):
+        HookedKVShiftTransformer.from_pretrained(tmp_path)
+    loaded = HookedKVShiftTransformer.from_pretrained(tmp_path, allow_nonfinite=True)
+    assert torch.equal(loaded.blocks[1].attn.W_O.isnan(), model.blocks[1].attn.W_O.isnan())
+
+
+def test_from_pretrained_returns_eval_mode(tmp_path):
+    build().train().save_pretrained(tmp_path)
+    assert not HookedKVShiftTransformer.from_pretrained(tmp_path).training
+
+
+@pytest.mark.parametrize("failing", ["weights", "config"])
+def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
+    """The write of the weights or of the config raises after writing part of its file: the
+    previous checkpoint still loads bit-identically, and no temporary file is left."""
+    import kvshift_lens.checkpoint as ckpt_module
+
+    old = build(seed=1)
+    old.save_pretrained(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = build(seed=2)
+    randomize(new, 7)
+
+    class DiskFull(OSError):
+        pass
+
+    real_save = ckpt_module.save_file
+
+    def half_written_weights(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise DiskFull("no space left on device")
+
+    real_write_text = ckpt_module.Path.write_text
+
+    def half_written_config(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise DiskFull("no space left on device")
+
+    if failing == "weights":
+        monkeypatch.setattr(ckpt_module, "save_file", half_written_weights)
+    else:
+        monkeypatch.setattr(ckpt_module.Path, "write_text", half_written_config)
+    with pytest.raises(DiskFull):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing else left
+    loaded = HookedKVShiftTransformer.from_pretrained(tmp_path, device="cpu")
+    for k, v in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_corrupt_or_foreign_config(tmp_path):

@@ -347,3 +347,21 @@ def test_installed_entry_point():
     proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "train" in proc.stdout and "sweep" in proc.stdout and "eval" in proc.stdout
+
+
+def test_task_names_match_the_task_registry():
+    """The command line lists task names without importing torch; they must be the real ones."""
+    from kvshift_lens.data.tasks import TASKS
+    from kvshift_lens.train.tasks import TASK_NAMES
+
+    assert sorted(TASK_NAMES) == sorted([*TASKS, "text"])
+
+
+def test_help_imports_neither_torch_nor_transformer_lens():
+    code = ("import sys; from kvshift_lens.cli import main\n"
+            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "bad = [m for m in ('torch', 'transformer_lens') if m in sys.modules]\n"
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr

@@ -121,26 +121,29 @@ def _check_logits(
         raise ValueError("the batch has no masked positions, so there is nothing to score")
 
 
-def _masked_logits_and_targets(
-    logits: Float[Tensor, "batch pos d_vocab"], batch: Batch
-) -> tuple[Float[Tensor, "n d_vocab"], Int[Tensor, " n"]]:
-    # Boolean indexing walks [batch, pos] in the same order for both tensors.
-    return logits[batch.mask].float(), batch.tokens[:, 1:][batch.mask[:, :-1]]
-
-
 def masked_cross_entropy(
-    logits: Float[Tensor, "batch pos d_vocab"], batch: Batch
+    logits: Float[Tensor, "batch pos d_vocab"],
+    targets: Batch | Int[Tensor, "batch pos"],
+    reduction: str = "mean",
 ) -> Float[Tensor, ""]:
-    """Mean cross-entropy (nats) of ``logits[:, t]`` against ``tokens[:, t + 1]`` over masked
-    positions; differentiable, for training.
+    """Cross-entropy (nats) of ``logits[:, t]`` against ``tokens[:, t + 1]`` over the masked
+    positions: the one masked loss of the toolkit (training, evaluation, the loss landscape).
+    Differentiable; half-precision logits are promoted to float32, others keep their precision.
 
     Args:
         logits: ``[batch, pos, d_vocab]``; ``d_vocab`` may exceed the task's (a larger model vocab).
-        batch: the batch the logits were computed on.
+        targets: the batch the logits were computed on, or its ``targets`` (:data:`IGNORE_INDEX`
+            where nothing is predicted).
+        reduction: ``"mean"`` over masked positions, or ``"sum"`` (a data-parallel trainer divides
+            by the global count itself).
     """
-    _check_logits(logits, batch)
-    sel, target = _masked_logits_and_targets(logits, batch)
-    return F.cross_entropy(sel, target)
+    if isinstance(targets, Batch):
+        _check_logits(logits, targets)
+        targets = targets.targets
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def masked_metrics(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> dict[str, float]:
@@ -149,14 +152,16 @@ def masked_metrics(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> 
     Returns:
         ``accuracy``: fraction of masked positions where ``logits[:, t].argmax()`` equals
         ``tokens[:, t + 1]`` (ties go to the lowest id, as ``argmax`` does); ``loss``: mean
-        cross-entropy in nats; ``n_predictions``: how many positions were scored (to weight means
-        across batches or processes).
+        cross-entropy in nats (:func:`masked_cross_entropy`); ``n_predictions``: how many
+        positions were scored (to weight means across batches or processes).
     """
     _check_logits(logits, batch)
     with torch.no_grad():
-        sel, target = _masked_logits_and_targets(logits.detach(), batch)
-        loss = F.cross_entropy(sel, target)
+        logits = logits.detach()
+        # Boolean indexing walks [batch, pos] in the same order for both tensors.
+        sel, target = logits[batch.mask], batch.tokens[:, 1:][batch.mask[:, :-1]]
         accuracy = (sel.argmax(dim=-1) == target).float().mean()
+        loss = masked_cross_entropy(logits, batch.targets)
     return {
         "accuracy": float(accuracy),
         "loss": float(loss),

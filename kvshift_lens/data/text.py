@@ -70,7 +70,7 @@ from jaxtyping import Float, Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
-from kvshift_lens.checkpoint import TOKENIZER_FILE, _atomic_write, _load_tokenizer
+from kvshift_lens._files import atomic_write as _atomic_write
 from kvshift_lens.data.tasks import (
     Batch,
     SyntheticTask,
@@ -78,7 +78,8 @@ from kvshift_lens.data.tasks import (
     _randint,
     _require_int,
 )
-from kvshift_lens.tokenizer import BYTE_BOS, TokenizerAdapter, byte_level_tokenizer
+from kvshift_lens.tokenizer import BYTE_BOS, TOKENIZER_FILE, TokenizerAdapter, byte_level_tokenizer
+from kvshift_lens.tokenizer import load_tokenizer as _load_tokenizer
 
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}

@@ -25,17 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from kvshift_lens._files import atomic_write_text
 from kvshift_lens.repro.experiments import EXPERIMENTS
 from kvshift_lens.repro.run import MARKER
-from kvshift_lens.train.sweep import (
-    METRICS_FILE,
-    RESULT_FILE,
-    RUN_FILE,
-    RunRecord,
-    SweepSummary,
-    summarize,
-)
-from kvshift_lens.viz.report import read_metrics
+from kvshift_lens.run_folder import METRICS_FILE, RESULT_FILE, RUN_FILE, read_metrics
+from kvshift_lens.train.sweep import RunRecord, SweepSummary, summarize
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN = "reproduced", "partly", "not reproduced", "not run"
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_RUN)
@@ -850,10 +844,61 @@ def _command(name: str, out: str, quick: bool) -> str:
     return f"kvshift repro run {exp} --out {out} --jobs 2{q}"
 
 
+MODE_MARKER = "<!-- kvshift repro report: {mode} -->"
+"""The first line of every report: whether it was built from a quick (smoke-test) or a full set."""
+
+FIGURES_MARKER = ".kvshift-report.json"
+"""Written beside the figures: which kind of report they belong to."""
+
+
+def report_mode(path: Path) -> str | None:
+    """``"quick"`` or ``"full"`` for an existing report file (older reports without the marker
+    count as full unless they carry the quick banner), None when there is no file."""
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for mode in ("quick", "full"):
+        if text.startswith(MODE_MARKER.format(mode=mode)):
+            return mode
+    return "quick" if "**Quick mode**" in text else "full"
+
+
+def figures_mode(folder: Path) -> str | None:
+    """The mode of the report whose figures ``folder`` holds; None when it holds no figure.
+    Figures without a marker count as a full report's."""
+    if not folder.is_dir() or not any(folder.glob("*.png")):
+        return None
+    try:
+        return "quick" if json.loads((folder / FIGURES_MARKER).read_text()).get("quick") else "full"
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "full"
+
+
+def default_outputs(root: Path, quick: bool) -> tuple[Path, Path]:
+    """Where a report goes when not told: the tracked ``REPRODUCTION.md`` and
+    ``docs/reproduction/`` for a full set; inside ``root`` for a quick one, so a smoke test never
+    touches the real report."""
+    if quick:
+        return root / "REPRODUCTION.md", root / "figures"
+    return Path("REPRODUCTION.md"), Path("docs/reproduction")
+
+
+def _guard_quick(markdown: Path | None, figures: Path | None, quick: bool) -> None:
+    if not quick:
+        return
+    if markdown is not None and report_mode(markdown) == "full":
+        raise ValueError(f"{markdown} holds a full reproduction report; a --quick run's report "
+                         "never replaces it (name another file with --markdown)")
+    if figures is not None and figures_mode(figures) == "full":
+        raise ValueError(f"{figures} holds a full report's figures; a --quick run's figures never "
+                         "replace them (name another folder with --figures)")
+
+
 def render_markdown(sections: Sequence[Section], figure_links: Mapping[str, str],
                     notes: Mapping[str, str], root: str, quick: bool,
                     header_note: str = "") -> str:
-    lines = ["# Reproducing the paper's toy results", ""]
+    lines = [MODE_MARKER.format(mode="quick" if quick else "full"),
+             "# Reproducing the paper's toy results", ""]
     if quick:
         lines += ["> **Quick mode** (a smoke test of the pipeline): a handful of steps per run; "
                   "the numbers and verdicts below mean nothing.", ""]
@@ -913,8 +958,8 @@ class ReportResult:
 
 def build_report(
     root: str | Path,
-    markdown: str | Path | None = "REPRODUCTION.md",
-    figures_dir: str | Path | None = "docs/reproduction",
+    markdown: str | Path | None = "",
+    figures_dir: str | Path | None = "",
     names: Sequence[str] | None = None,
     static: bool = True,
     landscape_grid: int = 21,
@@ -923,14 +968,15 @@ def build_report(
 
     Args:
         root: the folder ``kvshift repro run --out`` wrote.
-        markdown: the report file (None: do not write one).
-        figures_dir: where the PNG figures go (None or ``static=False``: none are written and the
-            report links none).
+        markdown: the report file ("": :func:`default_outputs`; None: do not write one).
+        figures_dir: where the PNG figures go ("": :func:`default_outputs`; None or
+            ``static=False``: none are written and the report links none).
         names: the sections to build (default: every one).
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
-        ValueError: an unknown section name, or quick and full runs mixed under ``root``.
+        ValueError: an unknown section name, quick and full runs mixed under ``root``, or a quick
+            set asked to write over a full report or its figures.
     """
     root = Path(root)
     if not root.is_dir():
@@ -945,6 +991,11 @@ def build_report(
     if len(modes) > 1:
         raise ValueError(f"{root} mixes quick and full experiments; report them separately")
     quick = modes == {True}
+    md_default, fig_default = default_outputs(root, quick)
+    markdown = md_default if markdown == "" else markdown
+    figures_dir = fig_default if figures_dir == "" else figures_dir
+    _guard_quick(None if markdown is None else Path(markdown),
+                 None if figures_dir is None or not static else Path(figures_dir), quick)
     shown_root = os.path.relpath(root) if not root.is_absolute() else str(root)
     sections = []
     for n in names:
@@ -958,9 +1009,12 @@ def build_report(
     links: dict[str, str] = {}
     static_note = "no figures requested"
     if static and figures_dir is not None and figures:
-        from kvshift_lens.viz.report import export_static
+        from kvshift_lens.viz.export import export_static
 
         result = export_static(figures, figures_dir, formats=("png",))
+        if result.directory is not None:
+            atomic_write_text(Path(figures_dir) / FIGURES_MARKER,
+                              json.dumps({"quick": quick}) + "\n")
         static_note = result.message
         written = [p for p in result.files if p.is_file()]
         base = Path(markdown).parent if markdown is not None else Path(".")
@@ -974,11 +1028,10 @@ def build_report(
             f"_Figures: {static_note}._")
         text = render_markdown(sections, links, notes, shown_root, quick, header)
         md_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = md_path.with_name(f".{md_path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(md_path)
+        atomic_write_text(md_path, text)
     return ReportResult(sections, md_path, written, static_note)
 
 
 __all__ = ["NOT_REPRODUCED", "NOT_RUN", "PARTLY", "REPRODUCED", "SECTIONS", "Section", "Sweep",
-           "build_report", "existing_notes", "load_sweep", "render_markdown", "steps_to_target"]
+           "build_report", "default_outputs", "existing_notes", "load_sweep", "render_markdown",
+           "report_mode", "steps_to_target"]

@@ -7,10 +7,18 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from kvshift_lens._files import atomic_write_text
 from kvshift_lens.repro.experiments import EXPERIMENTS, experiment
-from kvshift_lens.train.sweep import SWEEP_FILE, SweepSummary, load_sweep_spec, run_sweep
+from kvshift_lens.run_folder import REPRO_MARKER, SWEEP_FILE, RunFolderError
+from kvshift_lens.train.sweep import (
+    SweepSummary,
+    check_sweep_folder,
+    extends,
+    load_sweep_spec,
+    run_sweep,
+)
 
-MARKER = "repro.json"
+MARKER = REPRO_MARKER
 """Written in each experiment folder: which experiment, quick or full (so a later run or report
 cannot silently mix a smoke test with the real thing)."""
 
@@ -36,31 +44,12 @@ def _check_folder(folder: Path, name: str, quick: bool, spec: dict) -> None:
             raise ValueError(
                 f"{folder} holds a {have} run of {name!r} but this is a "
                 f"{'quick' if quick else 'full'} one; use another --out or --overwrite")
-    sweep = folder / SWEEP_FILE
-    if sweep.is_file():
-        try:
-            old = json.loads(sweep.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old is not None and not extends(old, load_sweep_spec(spec)):
-            raise ValueError(
-                f"{sweep} differs from the current {name!r} spec (the experiment changed since "
-                "it ran); use another --out, or --overwrite to rerun it")
-
-
-def extends(old: dict, new: dict) -> bool:
-    """Whether the sweep ``new`` only adds to ``old``: the same base, and every variant and size
-    of ``old`` unchanged (new variants, sizes and seeds may be added). Finished runs of ``old``
-    are then runs of ``new`` too, so they are kept and only the new ones run."""
-    if old.get("base") != new.get("base"):
-        return False
-    for key in ("variants", "sizes"):
-        before, after = old.get(key) or {}, new.get(key) or {}
-        if (key == "sizes") and bool(before) != bool(after):
-            return False
-        if any(name not in after or after[name] != over for name, over in before.items()):
-            return False
-    return True
+    try:
+        check_sweep_folder(folder, load_sweep_spec(spec))
+    except RunFolderError:
+        raise ValueError(
+            f"{folder / SWEEP_FILE} differs from the current {name!r} spec (the experiment changed "
+            "since it ran); use another --out, or --overwrite to rerun it") from None
 
 
 def run_experiments(
@@ -93,7 +82,7 @@ def run_experiments(
         t0 = time.perf_counter()
         log(f"repro: {name} -> {folder}")
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MARKER).write_text(json.dumps({"experiment": name, "quick": quick}) + "\n")
+        atomic_write_text(folder / MARKER, json.dumps({"experiment": name, "quick": quick}) + "\n")
         summaries[name] = run_sweep(specs[name], folder, jobs=jobs, threads=threads,
                                     overwrite=overwrite, log=log)
         log(f"repro: {name} done in {time.perf_counter() - t0:.0f}s")

@@ -1,13 +1,27 @@
-"""What a training run is: the model config, the task, and the optimisation settings, as one JSON
-document (``run.json`` in the run folder) from which the run can be rebuilt and resumed."""
+"""What a training run is: the model config, the task, and the optimisation settings.
+
+:class:`RunSpec` is what a user writes (dicts for the model and the task, a :class:`TrainConfig`);
+:func:`resolve_run_spec` turns it, once, into a :class:`ResolvedRun`: a validated
+:class:`~kvshift_lens.KVShiftConfig` with every default filled in (``d_vocab`` and ``n_ctx`` from the
+task, the shift initialisation for training from scratch), the built training and evaluation
+tasks, and the train settings. The run folder's ``run.json`` is the resolved run's
+:meth:`ResolvedRun.to_dict`, so a run can be rebuilt and resumed from it even if defaults change.
+
+This module imports neither torch nor TransformerLens at import time (the command line builds its
+flags from :class:`TrainConfig` and must start fast).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvshift_lens.config import KVShiftConfig, _check_field_types
+from kvshift_lens.options import check_field_types
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kvshift_lens.config import KVShiftConfig
 
 DEFAULT_SHIFT_INIT = "uniform"
 """Shift initialisation for models trained from scratch when the spec names none. Measured in
@@ -15,6 +29,8 @@ BENCHMARKS.md (induction, 5 seeds): with the default ``shift_lr_scale`` (30) ide
 normal tie; with ``shift_lr_scale=1`` uniform is by far the fastest, so it is never the slower
 choice. The model config's own default stays "identity" (exactly vanilla), which retrofitting
 needs."""
+
+SECTIONS = ("model", "task", "train")
 
 
 @dataclass
@@ -31,10 +47,11 @@ class TrainConfig:
             ``init_range`` (0.02) while coefficients live on a scale of 1, so at equal ``lr`` a
             coefficient needs ~1/lr steps to travel from 0 to 1. 30 is measured in BENCHMARKS.md:
             steps to 90% induction 300 -> 175 (uniform init), 750 -> 175 (identity). Free
-            coefficients then grow past 1 (they also scale K and V): read them as relative
-            weights of the lags, or train with ``shift_param="convex"``.
+            coefficients then grow past 1 (they also scale K and V): read them as a gain times a
+            mix over lags (:func:`kvshift_lens.shift.gain_and_mix`).
         weight_decay: AdamW decay on weight matrices only (never biases, norms or shift
             coefficients: decaying coefficients would pull them towards 0, not towards identity).
+        betas: AdamW betas, each in [0, 1).
         grad_clip: max global gradient norm (0 disables).
         eval_every: evaluate (task metrics + shift coefficients) every N steps and at the end.
         eval_batches: batches per evaluation, drawn from a fixed evaluation generator so every
@@ -48,7 +65,7 @@ class TrainConfig:
         target_accuracy: report the first evaluated step whose accuracy reaches this.
         stop_at_target: end training once ``target_accuracy`` is reached.
         log_every: write the training loss to metrics.jsonl every N steps.
-        progress: show a progress bar (rank 0 only).
+        progress: show a progress bar (rank 0 only, and only on a terminal).
     """
 
     steps: int = 1000
@@ -76,7 +93,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        _check_field_types(self)
+        check_field_types(self)
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "log_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -88,8 +105,11 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not self.shift_lr_scale > 0:
             raise ValueError(f"shift_lr_scale={self.shift_lr_scale} must be > 0")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0")
+        for name in ("weight_decay", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)} must be two numbers in [0, 1)")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not 0 < self.target_accuracy <= 1:
@@ -98,7 +118,9 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:index]'")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        if not isinstance(d, Mapping):
+            raise TypeError(f"train settings must be a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -111,10 +133,17 @@ class TrainConfig:
         return d
 
 
+EXECUTION_ONLY = ("progress", "device", "compile", "bf16", "log_every", "checkpoint_every",
+                  "keep_checkpoints")
+"""Train settings that change how a run executes but not what it computes: a resume may change
+them."""
+
+
 @dataclass
 class RunSpec:
-    """Everything that defines a run: ``model`` (KVShiftConfig fields), ``task`` (name and
-    keyword arguments for :func:`kvshift_lens.train.tasks.build_task`) and ``train``."""
+    """Everything that defines a run, as a user writes it: ``model`` (KVShiftConfig fields;
+    ``d_vocab`` and ``n_ctx`` default to the task's), ``task`` (``name`` and keyword arguments for
+    :func:`kvshift_lens.train.tasks.build_task`) and ``train``."""
 
     model: dict[str, Any]
     task: dict[str, Any]
@@ -126,12 +155,82 @@ class RunSpec:
         return {"model": model, "task": dict(self.task), "train": self.train.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
-        missing = {"model", "task", "train"} - set(d)
-        if missing:
-            raise ValueError(f"run spec is missing {sorted(missing)}")
-        spec = cls(model=dict(d["model"]), task=dict(d["task"]),
-                   train=TrainConfig.from_dict(dict(d["train"])))
-        # Validate now, not mid-run (d_vocab and n_ctx default to the task's at training time).
-        KVShiftConfig.from_dict({"d_vocab": 2, "n_ctx": 1, **spec.model, "device": "cpu"})
-        return spec
+    def from_dict(cls, d: Mapping[str, Any]) -> RunSpec:
+        """Check the structure (sections, their types, the train settings); the model and the
+        task are checked by :func:`resolve_run_spec`."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a run spec must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown run spec section(s) {unknown}; the sections are "
+                             f"{list(SECTIONS)}")
+        if "task" not in d:
+            raise ValueError("the run spec has no 'task'")
+        for name in SECTIONS:
+            if not isinstance(d.get(name, {}), Mapping):
+                raise TypeError(f"run spec section {name!r} must be a dict, got "
+                                f"{type(d[name]).__name__}")
+        return cls(model=dict(d.get("model", {})), task=dict(d["task"]),
+                   train=TrainConfig.from_dict(dict(d.get("train", {}))))
+
+
+@dataclass
+class ResolvedRun:
+    """A run spec resolved once (:func:`resolve_run_spec`): the typed, validated pieces."""
+
+    model: KVShiftConfig
+    task_spec: dict[str, Any]
+    train: TrainConfig
+    task: Any
+    eval_task: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        """``run.json``: the full model config (every field), the task spec, the train settings."""
+        return {"model": self.model.to_dict(), "task": dict(self.task_spec),
+                "train": self.train.to_dict()}
+
+    def comparable(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the settings a resume may change (:data:`EXECUTION_ONLY`)."""
+        d = self.to_dict()
+        d["train"] = {k: v for k, v in d["train"].items() if k not in EXECUTION_ONLY}
+        return d
+
+
+def resolve_run_spec(spec: RunSpec | Mapping[str, Any], for_model: bool = False) -> ResolvedRun:
+    """Complete and validate a run spec, building its tasks, before anything is written.
+
+    Fills ``model.d_vocab`` (the task's vocabulary, or its tokenizer's for text), ``model.n_ctx``
+    (the task's ``seq_len``) and, unless ``for_model`` (training a given model, e.g. a retrofitted
+    one, whose config is the spec's), ``model.shift_init`` (:data:`DEFAULT_SHIFT_INIT`). Does not
+    change ``spec``.
+
+    Raises:
+        ValueError, TypeError: naming the section, field and value (an unknown task or
+            parameter, a model that cannot represent the task's tokens or length, ...).
+    """
+    from kvshift_lens.config import KVShiftConfig
+    from kvshift_lens.train.tasks import build_tasks
+
+    if not isinstance(spec, RunSpec):
+        spec = RunSpec.from_dict(spec)
+    task_spec = dict(spec.task)
+    task, eval_task = build_tasks(task_spec)
+    model = {k: v for k, v in spec.model.items() if k != "device"}
+    model.setdefault("d_vocab", task.d_vocab)
+    model.setdefault("n_ctx", task.seq_len)
+    if not for_model:
+        model.setdefault("shift_init", DEFAULT_SHIFT_INIT)
+    d_vocab, n_ctx = model["d_vocab"], model["n_ctx"]
+    if isinstance(d_vocab, int) and d_vocab < task.d_vocab:
+        raise ValueError(
+            f"model d_vocab={d_vocab} is smaller than task {task_spec.get('name')!r} "
+            f"d_vocab={task.d_vocab}; the model cannot represent the task's tokens")
+    if isinstance(n_ctx, int) and n_ctx < task.seq_len:
+        raise ValueError(f"model n_ctx={n_ctx} is shorter than the task's seq_len={task.seq_len}")
+    config = KVShiftConfig.from_dict({**model, "device": "cpu"})
+    return ResolvedRun(model=config, task_spec=task_spec, train=spec.train, task=task,
+                       eval_task=eval_task)
+
+
+__all__ = ["DEFAULT_SHIFT_INIT", "EXECUTION_ONLY", "ResolvedRun", "RunSpec", "TrainConfig",
+           "resolve_run_spec"]

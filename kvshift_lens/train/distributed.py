@@ -52,6 +52,15 @@ def all_reduce_sum(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return x
 
 
+def all_ok(ok: bool, ctx: DistContext) -> bool:
+    """True when ``ok`` holds on every process (one collective; ``ok`` itself alone)."""
+    if ctx.world_size == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()

@@ -12,27 +12,28 @@ A sweep spec (a JSON file or a dict)::
     }
 
 Each run's spec is ``deep_merge(base, variant, size)`` with ``train.seed = seed`` (dicts merge key by
-key, anything else is replaced), completed by :func:`prepare_run_spec` (``n_ctx`` defaults to the
-task's ``seq_len``, ``shift_init`` to :data:`~kvshift_lens.train.config.DEFAULT_SHIFT_INIT`,
-``train.progress`` to False). Its folder is ``out_dir/<variant>[__<size>]__seed<k>/`` (a normal
-trainer run folder, see :mod:`kvshift_lens.train.trainer`), plus ``result.json`` (steps, final
-metrics, tokens/s) when it finishes, or ``error.json`` when it fails. Names may use letters,
-digits and ``. _ + -`` but not ``__`` (the separator).
+key, anything else is replaced; ``train.progress`` defaults to False), resolved in its worker by
+:func:`~kvshift_lens.train.config.resolve_run_spec`. Its folder is
+``out_dir/<variant>[__<size>]__seed<k>/`` (a normal run folder, see :mod:`kvshift_lens.run_folder`),
+plus ``result.json`` (steps, final metrics, tokens/s) when it finishes, or ``error.json`` when it
+fails. Names may use letters, digits and ``. _ + -`` but not ``__`` (the separator).
 
 Running again is safe: finished runs (``final/`` exists) are skipped, interrupted runs with a
 checkpoint are resumed, others start afresh, and a run that fails is recorded without stopping the
-others. ``out_dir/summary.json`` and ``out_dir/summary.md`` are rebuilt from the run folders alone
-by :func:`summarize`, so they also describe a sweep that is still running or was cut short.
+others. A folder made by another spec is refused unless the new spec only *grows* it
+(:func:`extends`: new variants, sizes or seeds; everything that ran is unchanged), so finished runs
+are never reported as results of a spec they did not run. The sweep holds the folder's lock while
+it runs (a second sweep on the same folder stops at once), and each run holds its own.
+``out_dir/summary.json`` and ``out_dir/summary.md`` are rebuilt from the run folders alone by
+:func:`summarize`, so they also describe a sweep that is still running or was cut short.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -45,22 +46,23 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from kvshift_lens.train import config as train_config_module
-from kvshift_lens.train.config import RunSpec, TrainConfig
+from kvshift_lens._files import atomic_write_text
+from kvshift_lens.run_folder import (
+    ERROR_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    RESULT_FILE,
+    RUN_FILE,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    SWEEP_FILE,
+    FolderLock,
+    RunFolderError,
+    latest_checkpoint,
+    read_metrics,
+)
+from kvshift_lens.train.config import SECTIONS as _SECTIONS
 
-SWEEP_FILE = "sweep.json"
-SUMMARY_JSON = "summary.json"
-SUMMARY_MD = "summary.md"
-RESULT_FILE = "result.json"
-ERROR_FILE = "error.json"
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-FINAL_DIR = "final"
-
-DEFAULT_SHIFT_INIT: str = getattr(train_config_module, "DEFAULT_SHIFT_INIT", "uniform")
-"""The shift initialisation of runs whose spec names none (the trainer's default)."""
-
-_SECTIONS = ("model", "task", "train")
 _NAME = re.compile(r"^[A-Za-z0-9.+-]+(?:_[A-Za-z0-9.+-]+)*$")  # no "__", no leading/trailing "_"
 _SEED = re.compile(r"^seed(\d+)$")
 
@@ -80,81 +82,6 @@ def deep_merge(*dicts: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 out[k] = copy.deepcopy(dict(v) if isinstance(v, Mapping) else v)
     return out
-
-
-def _text_task_defaults() -> inspect.Signature:
-    from kvshift_lens.data.text import TextTask
-
-    return inspect.signature(TextTask.from_corpus)
-
-
-def task_shape(task: Mapping[str, Any]) -> tuple[int | None, int]:
-    """``(d_vocab, seq_len)`` of a task spec, validating it. ``d_vocab`` is None for ``text``,
-    whose vocabulary is known only once its tokenizer is built (the trainer checks it then).
-
-    Raises:
-        ValueError, TypeError: an unknown task, parameter or a bad parameter value.
-    """
-    from kvshift_lens.train.tasks import build_task
-
-    if "name" not in task:
-        raise ValueError("the task has no 'name'")
-    if task["name"] == "text":
-        kwargs = {k: v for k, v in task.items() if k != "name"}
-        sig = _text_task_defaults()
-        try:
-            bound = sig.bind(**kwargs)  # a bound classmethod: no cls in the signature
-        except TypeError as e:
-            raise TypeError(f"task 'text': {e}") from None
-        seq_len = bound.arguments.get("seq_len", sig.parameters["seq_len"].default)
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f"task 'text': seq_len={seq_len!r} must be an int >= 2")
-        return None, seq_len
-    built = build_task(dict(task))
-    return built.d_vocab, built.seq_len
-
-
-def prepare_run_spec(spec: Mapping[str, Any]) -> RunSpec:
-    """Complete and validate a RunSpec dict before anything is written, so a bad value fails fast.
-
-    Fills ``model.n_ctx`` (the task's ``seq_len``), ``model.shift_init`` (:data:`DEFAULT_SHIFT_INIT`)
-    when missing; ``model.d_vocab`` is left to the trainer (the task's ``d_vocab``). Checks the
-    train settings, the task, the model config and that the model's vocabulary and context cover
-    the task's.
-
-    Raises:
-        ValueError, TypeError: naming the bad section, field and value.
-    """
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"a run spec must be a dict, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - set(_SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown run spec section(s) {unknown}; the sections are {list(_SECTIONS)}")
-    for name in _SECTIONS:
-        if not isinstance(spec.get(name, {}), Mapping):
-            raise TypeError(f"run spec section {name!r} must be a dict, got "
-                            f"{type(spec[name]).__name__}")
-    if "task" not in spec:
-        raise ValueError("the run spec has no 'task'")
-    train_cfg = TrainConfig.from_dict(dict(spec.get("train", {})))
-    task = dict(spec["task"])
-    d_vocab, seq_len = task_shape(task)
-    model = dict(spec.get("model", {}))
-    model.setdefault("n_ctx", seq_len)
-    model.setdefault("shift_init", DEFAULT_SHIFT_INIT)
-    model_vocab = model.get("d_vocab", d_vocab)
-    if d_vocab is not None and isinstance(model_vocab, int) and model_vocab < d_vocab:
-        raise ValueError(
-            f"model d_vocab={model_vocab} is smaller than task {task['name']!r} d_vocab={d_vocab}; "
-            "the model cannot represent the task's tokens")
-    if isinstance(model.get("n_ctx"), int) and model["n_ctx"] < seq_len:
-        raise ValueError(f"model n_ctx={model['n_ctx']} is shorter than the task's seq_len={seq_len}")
-    from kvshift_lens.config import KVShiftConfig
-
-    probe = {**model, "device": "cpu"}
-    probe.setdefault("d_vocab", d_vocab if d_vocab is not None else 2)
-    KVShiftConfig.from_dict(probe)
-    return RunSpec(model=model, task=task, train=train_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,9 +195,7 @@ def write_result(run_dir: Path, result: Any, wall_seconds: float | None = None,
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(x: Any) -> Any:
@@ -279,40 +204,45 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
+def _run_mode(run_dir: Path, overwrite: bool) -> str:
+    """How a sweep (re)starts one run: resume it from its checkpoint, replace it, or start it."""
+    if not run_dir.is_dir() or not any(e.name != ".kvshift.lock" for e in run_dir.iterdir()):
+        return "new"
+    if not overwrite and (run_dir / RUN_FILE).is_file() and latest_checkpoint(run_dir):
+        return "resume"
+    return "overwrite"
+
+
 def _execute(job: dict[str, Any]) -> dict[str, Any]:
     """Run one job (in a worker process or in-process); never raises an ``Exception``."""
-    from kvshift_lens.train.state import latest_checkpoint
+    from kvshift_lens.run_folder import FolderInUse
     from kvshift_lens.train.trainer import train
 
     run_dir = Path(job["run_dir"])
     record = {"name": job["name"], "status": "finished", "error": None, "resumed": False}
     t0 = time.perf_counter()
     try:
-        if job["overwrite"] and run_dir.exists():
-            shutil.rmtree(run_dir)
-        spec = prepare_run_spec(job["spec"])
-        resume = overwrite = False
-        if run_dir.exists():
-            if (run_dir / RUN_FILE).is_file() and latest_checkpoint(run_dir) is not None:
-                resume = True
-            else:
-                overwrite = True
-        (run_dir / ERROR_FILE).unlink(missing_ok=True)
-        result = train(spec, run_dir, resume=resume, overwrite=overwrite)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)  # the last attempt's, written below
+        mode = _run_mode(run_dir, job["overwrite"])
+        result = train(job["spec"], run_dir, resume=mode == "resume",
+                       overwrite=mode == "overwrite")
         wall = time.perf_counter() - t0
-        write_result(run_dir, result, wall, resumed=resume)
-        record.update(resumed=resume, steps=result.steps, steps_to_target=result.steps_to_target,
+        write_result(run_dir, result, wall, resumed=mode == "resume")
+        record.update(resumed=mode == "resume", steps=result.steps,
+                      steps_to_target=result.steps_to_target,
                       final_metrics=result.final_metrics, wall_seconds=wall)
     except Exception as e:  # noqa: BLE001 - a failing run is recorded, the sweep goes on
         message = f"{type(e).__name__}: {e}"
         record.update(status="failed", error=message)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(run_dir / ERROR_FILE, {
-                "error": message, "type": type(e).__name__, "traceback": traceback.format_exc(),
-                "variant": job["variant"], "size": job["size"], "seed": job["seed"]})
-        except OSError:
-            pass
+        if not isinstance(e, FolderInUse):  # never write into a folder another process owns
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(run_dir / ERROR_FILE, {
+                    "error": message, "type": type(e).__name__,
+                    "traceback": traceback.format_exc(), "variant": job["variant"],
+                    "size": job["size"], "seed": job["seed"]})
+            except OSError:
+                pass
     return record
 
 
@@ -356,12 +286,54 @@ def run_sweep(
     checked = load_sweep_spec(spec)
     runs = expand_sweep(checked)
     out = Path(out_dir)
+    if str(out).strip() == "":
+        raise ValueError("the sweep folder is an empty path; name a folder")
     if out.exists() and not out.is_dir():
         raise ValueError(f"sweep folder {out} exists and is not a directory")
+    if not overwrite:
+        check_sweep_folder(out, checked)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / SWEEP_FILE, checked)
-    log = log or (lambda line: None)
+    with FolderLock(out, "sweep"):
+        check_sweep_folder(out, checked, overwrite)  # again, now that no other sweep can write
+        _write_json(out / SWEEP_FILE, checked)
+        return _run_all(checked, runs, out, jobs, overwrite, threads, log or (lambda line: None))
 
+
+def extends(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether the sweep ``new`` only adds to ``old``: the same base, and every variant and size
+    of ``old`` unchanged (new variants, sizes and seeds may be added). Finished runs of ``old``
+    are then runs of ``new`` too, so they are kept and only the new ones run."""
+    if old.get("base") != new.get("base"):
+        return False
+    for key in ("variants", "sizes"):
+        before, after = old.get(key) or {}, new.get(key) or {}
+        if (key == "sizes") and bool(before) != bool(after):
+            return False
+        if any(name not in after or after[name] != over for name, over in before.items()):
+            return False
+    return True
+
+
+def check_sweep_folder(out: Path, spec: Mapping[str, Any], overwrite: bool = False) -> None:
+    """Raise :class:`~kvshift_lens.run_folder.RunFolderError` when ``out`` holds a sweep that
+    ``spec`` does not extend (unless ``overwrite``), or a ``sweep.json`` that cannot be read."""
+    path = out / SWEEP_FILE
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = load_sweep_spec(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise RunFolderError(f"{path} is unreadable ({e}); use another folder, or --overwrite to "
+                             "rerun every run from scratch") from None
+    if not extends(old, spec):
+        raise RunFolderError(
+            f"{out} holds a different sweep ({path} differs from this spec in more than added "
+            "variants, sizes or seeds), so its finished runs are not runs of this spec; use "
+            "another folder, or --overwrite to rerun every run from scratch")
+
+
+def _run_all(checked: dict[str, Any], runs: list[SweepRun], out: Path, jobs: int, overwrite: bool,
+             threads: int | None, log: Callable[[str], None]) -> SweepSummary:
     todo, skipped = [], []
     for run in runs:
         if not overwrite and (out / run.name / FINAL_DIR).is_dir():
@@ -523,29 +495,13 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def read_run(run_dir: Path, variant: str, size: str | None, seed: int) -> RunRecord:
     """Read one run folder (see :class:`RunRecord`)."""
     rec = RunRecord(name=run_dir.name, variant=variant, size=size, seed=seed, status="incomplete")
     spec = _read_json(run_dir / RUN_FILE)
     if isinstance(spec, dict):
         rec.target_accuracy = spec.get("train", {}).get("target_accuracy")
-    metrics = _read_metrics(run_dir / METRICS_FILE)
+    metrics = read_metrics(run_dir / METRICS_FILE)
     if metrics:
         rec.steps = max(int(m.get("step", 0)) for m in metrics)
     evals = [m for m in metrics if m.get("kind") == "eval"]
@@ -674,7 +630,7 @@ def summarize(out_dir: str | Path, write: bool = True) -> SweepSummary:
     summary = SweepSummary(out_dir=out, groups=groups, runs=records)
     if write:
         _write_json(out / SUMMARY_JSON, summary.to_dict())
-        (out / SUMMARY_MD).write_text(summary.to_markdown())
+        atomic_write_text(out / SUMMARY_MD, summary.to_markdown())
     return summary
 
 
@@ -726,6 +682,7 @@ def _markdown(summary: SweepSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["GroupSummary", "RunRecord", "SweepRun", "SweepSummary", "deep_merge", "expand_sweep",
-           "load_sweep_spec", "parse_run_name", "prepare_run_spec", "run_name", "run_sweep",
+__all__ = ["GroupSummary", "RunRecord", "SweepRun", "SweepSummary", "check_sweep_folder",
+           "deep_merge", "expand_sweep", "extends", "load_sweep_spec", "parse_run_name",
+           "run_name", "run_sweep",
            "steps_to_target_stats", "summarize", "write_result"]

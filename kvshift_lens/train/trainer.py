@@ -2,17 +2,14 @@
 task's metrics and the shift coefficients, JSONL metrics, atomic resumable checkpoints, a NaN guard,
 and data parallelism through ``torchrun``.
 
-Run folder::
-
-    run.json           the RunSpec (model, task, train): enough to rebuild and resume the run
-    metrics.jsonl      one JSON object per line: {"step", "kind": "train"|"eval", ...}
-    checkpoints/       step_XXXXXXXX/ (model + optimiser + RNG + data position), latest
-    final/             the final model (save_pretrained), when training finishes
+The run folder it writes, the lock it holds and what it never deletes are described in
+:mod:`kvshift_lens.run_folder`.
 
 Determinism: every random draw comes from explicit generators (model init, data, evaluation) whose
-states are checkpointed, so ``resume`` continues bit-identically on CPU. Under DDP every process
-draws the same global batch and trains on its slice; the loss is normalised by the global number of
-predicted tokens, so gradients and logged losses equal a single process's on the same global batch.
+states are checkpointed, so ``resume`` continues bit-identically on CPU, however often a run is
+killed. Under DDP every process draws the same global batch and trains on its slice; the loss is
+normalised by the global number of predicted tokens, so gradients and logged losses equal a single
+process's on the same global batch.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,35 +25,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from kvshift_lens.checkpoint import CheckpointError
+from kvshift_lens.checkpoint import CheckpointError, first_nonfinite
 from kvshift_lens.config import KVShiftConfig
-from kvshift_lens.data.tasks import IGNORE_INDEX
+from kvshift_lens.data.tasks import IGNORE_INDEX, masked_cross_entropy
 from kvshift_lens.model import HookedKVShiftTransformer
-from kvshift_lens.train import distributed as dist_utils
-from kvshift_lens.train.config import DEFAULT_SHIFT_INIT, RunSpec
-from kvshift_lens.train.state import (
+from kvshift_lens.run_folder import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    METRICS_FILE,
+    RUN_FILE,
+    RunFolderError,
+    RunWriter,
+    append_metric,
     latest_checkpoint,
+    truncate_metrics,
+)
+from kvshift_lens.train import distributed as dist_utils
+from kvshift_lens.train.config import (
+    EXECUTION_ONLY,
+    ResolvedRun,
+    RunSpec,
+    TrainConfig,
+    resolve_run_spec,
+)
+from kvshift_lens.train.evaluation import evaluate, nonfinite_metrics
+from kvshift_lens.train.state import (
     load_checkpoint_state,
+    optimizer_tensors,
     restore_generators,
     restore_optimizer,
     save_checkpoint,
 )
-from kvshift_lens.train.tasks import build_eval_task, build_task
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
-
-
-class RunFolderError(ValueError):
-    """The run folder exists and neither resume nor overwrite was asked for, or does not match."""
+    """The loss, a gradient, a parameter or an evaluation became NaN/inf; training stopped and the
+    last good checkpoint (never a non-finite one) is kept."""
 
 
 @dataclass
@@ -81,18 +87,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _param_groups(model: torch.nn.Module, cfg) -> list[dict[str, Any]]:
+def param_groups(model: HookedKVShiftTransformer, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Weight matrices (decayed), other parameters, and shift coefficients (no decay, their own
-    learning-rate scale)."""
+    learning-rate scale); only parameters that require gradients."""
+    shift_ids = {id(p) for p in model.shift_parameters()}
     decay, no_decay, shift = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1].lstrip("_")
-        if leaf.startswith("shift_"):
+        if id(p) in shift_ids:
             shift.append(p)
         else:
-            (decay if leaf.startswith("W_") else no_decay).append(p)
+            (decay if name.rsplit(".", 1)[-1].lstrip("_").startswith("W_") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if shift:
@@ -113,59 +119,267 @@ def coefficient_log(model: HookedKVShiftTransformer) -> dict[str, list]:
     return {k: v.tolist() for k, v in model.shift_coefficients().values.items()}
 
 
-# Settings that change how a run executes but not what it computes: a resume may change them.
-_EXECUTION_ONLY = ("progress", "device", "compile", "bf16", "log_every", "checkpoint_every",
-                   "keep_checkpoints")
+# ---------------------------------------------------------------------------------------------
+# Opening the run folder
+# ---------------------------------------------------------------------------------------------
 
 
-def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in spec_dict.get("train", {}).items() if k not in _EXECUTION_ONLY}
-    return {**spec_dict, "train": train}
+def _normalised(spec: dict[str, Any]) -> dict[str, Any]:
+    """A run.json (this version's or an older, shorter one) with every default filled in and the
+    resumable settings dropped, for comparing a resume's spec with the folder's."""
+    model = KVShiftConfig.from_dict({**spec.get("model", {}), "device": "cpu"}).to_dict()
+    train = {k: v for k, v in TrainConfig.from_dict(spec.get("train", {})).to_dict().items()
+             if k not in EXECUTION_ONLY}
+    return {"model": model, "task": dict(spec.get("task", {})), "train": train}
 
 
-def _check_run_dir(run_dir: Path, spec: RunSpec, resume: bool, overwrite: bool) -> None:
-    run_file = run_dir / RUN_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"run folder {run_dir} exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        if resume:
-            if not run_file.is_file():
-                raise RunFolderError(f"cannot resume: {run_file} is missing")
-            saved = _comparable(json.loads(run_file.read_text()))
-            new = _comparable(json.loads(json.dumps(spec.to_dict())))
-            if saved != new:
-                diff = sorted(k for k in saved if saved.get(k) != new.get(k))
-                raise RunFolderError(
-                    f"cannot resume {run_dir}: its run.json differs from this run in {diff}; "
-                    "resume with the same settings or use a new folder"
-                )
-        else:
-            raise RunFolderError(
-                f"run folder {run_dir} already exists; pass --resume to continue it or "
-                "--overwrite to start again"
-            )
+def check_resume(run_dir: Path, run: ResolvedRun) -> None:
+    """Raise :class:`RunFolderError` unless ``run`` continues the run in ``run_dir``."""
+    path = run_dir / RUN_FILE
+    try:
+        saved = _normalised(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
+        raise RunFolderError(f"cannot resume: {path} is unreadable ({e})") from None
+    new = run.comparable()
+    if saved != new:
+        diff = sorted(k for k in new if saved.get(k) != new.get(k))
+        fields = sorted(f"{k}.{f}" for k in diff if isinstance(new[k], dict)
+                        for f in set(new[k]) | set(saved.get(k, {}))
+                        if new[k].get(f) != saved.get(k, {}).get(f))
+        raise RunFolderError(
+            f"cannot resume {run_dir}: its run.json differs from this run in {diff} "
+            f"({', '.join(fields[:6])}); resume with the same settings or use a new folder")
 
 
-def _create_run_dir(run_dir: Path, spec: RunSpec, overwrite: bool) -> None:
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+def _mode(resume: bool, overwrite: bool) -> str:
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    return "resume" if resume else "overwrite" if overwrite else "new"
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after ``step`` (by a run that died before its next checkpoint),
-    so a resumed run's metrics.jsonl equals an uninterrupted run's."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-            and json.loads(line)["kind"] != "summary"]
-    path.write_text("".join(line + "\n" for line in keep))
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """A training run in short steps: :meth:`restore` (resume), :meth:`evaluate`, :meth:`step`,
+    :meth:`checkpoint`, :meth:`finish`. :func:`train` drives it."""
+
+    def __init__(self, run: ResolvedRun, run_dir: Path, writer: RunWriter | None,
+                 ctx: dist_utils.DistContext, model: HookedKVShiftTransformer | None):
+        cfg = self.cfg = run.train
+        self.run, self.run_dir, self.writer, self.ctx = run, run_dir, writer, ctx
+        self.is_main = ctx.rank == 0
+        self.device = ctx.device if ctx.world_size > 1 else resolve_device(cfg.device)
+        if model is None:
+            # A text task's tokenizer goes with the model, so checkpoints and final/ carry it.
+            model = HookedKVShiftTransformer(
+                run.model, generator=torch.Generator().manual_seed(cfg.seed),
+                tokenizer=getattr(run.task, "tokenizer", None))
+        self.model = model.to(self.device).train()
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas,
+                                           fused=self.device.type == "cuda" or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.generators = {"data": self.data_gen}
+        self.step_no, self.evals, self.steps_to_target = 0, [], None
+        self.saved_step: int | None = None
+        self.tokens_seen = 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if cfg.bf16 and self.device.type == "cuda" else contextlib.nullcontext())
+        n, r = ctx.world_size, ctx.rank
+        self.local = slice(r * cfg.batch_size // n, (r + 1) * cfg.batch_size // n)
+        self.train_model = dist_utils.wrap(self.model, ctx)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+
+    # -- files ----------------------------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        return self.writer.path if self.writer is not None else self.run_dir
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            append_metric(self.folder / METRICS_FILE, record)
+
+    # -- resuming -------------------------------------------------------------------------
+    def restore(self, run_dir: Path) -> None:
+        """Continue from the run's latest checkpoint (every process reads it); with none, start
+        over, dropping whatever a run killed before its first checkpoint logged."""
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            logger.info("no checkpoint in %s: starting from step 0", run_dir)
+            if self.is_main:
+                truncate_metrics(run_dir / METRICS_FILE, -1)
+            return
+        loaded = HookedKVShiftTransformer.from_pretrained(ckpt, device=str(self.device))
+        if loaded.cfg.to_dict() != self.run.model.to_dict():
+            raise RunFolderError(f"cannot resume: the model config in {ckpt} differs from "
+                                 f"{run_dir / RUN_FILE}")
+        self.model.load_state_dict(loaded.state_dict())
+        tensors, meta = load_checkpoint_state(ckpt)
+        restore_optimizer(self.optimizer, tensors, meta, ckpt)
+        try:
+            self.scheduler.load_state_dict(meta["scheduler"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {ckpt}: its scheduler state is invalid ({e})") \
+                from None
+        restore_generators(self.generators, tensors, ckpt)
+        self.step_no = self.saved_step = meta["step"]
+        self.evals = meta.get("evals", []) if isinstance(meta.get("evals"), list) else []
+        self.steps_to_target = meta.get("steps_to_target")
+        if self.is_main:
+            truncate_metrics(run_dir / METRICS_FILE, self.step_no)
+
+    # -- one evaluation, one step ---------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        cfg, step = self.cfg, self.step_no
+        metrics = evaluate(self.model, self.run.eval_task, cfg.batch_size, cfg.eval_batches,
+                           seed=cfg.seed + 2, device=self.device, autocast=self.autocast)
+        bad = nonfinite_metrics(metrics)
+        if bad:
+            raise TrainingDiverged(self._diverged(f"the evaluation's {bad[0]} is "
+                                                  f"{metrics[bad[0]]}"))
+        record = {"step": step, "kind": "eval", **{f"eval/{k}": v for k, v in metrics.items()},
+                  "coefficients": coefficient_log(self.model)}
+        acc = record.get("eval/accuracy")
+        if self.steps_to_target is None and acc is not None and acc >= cfg.target_accuracy:
+            self.steps_to_target = step
+        record["steps_to_target"] = self.steps_to_target
+        self.evals.append(record)
+        self.log(record)
+        return record
+
+    def step(self) -> float:
+        """One optimiser step on one global batch; returns the global mean loss."""
+        cfg, ctx = self.cfg, self.ctx
+        batch = self.run.task.sample(cfg.batch_size, self.data_gen).to(self.device)
+        targets = batch.targets
+        n_global = max(1, int((targets != IGNORE_INDEX).sum()))
+        with self.autocast:
+            logits = self.train_model(batch.tokens[self.local])
+        loss_sum = masked_cross_entropy(logits, targets[self.local], reduction="sum")
+        # DDP averages gradients over processes; scale so the result is the global mean.
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_sum * (ctx.world_size / n_global)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss = dist_utils.all_reduce_sum(loss_sum.detach(), ctx) / n_global
+        self._check_step(float(loss), float(grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.model.constrain_shift_()
+        self.step_no += 1
+        self.tokens_seen += batch.tokens.numel()
+        if self.step_no % cfg.log_every == 0 or self.step_no == cfg.steps:
+            self.log({"step": self.step_no, "kind": "train", "train/loss": float(loss),
+                      "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
+        return float(loss)
+
+    # -- the NaN guard --------------------------------------------------------------------
+    def _kept(self) -> str:
+        ckpt = latest_checkpoint(self.folder) if self.is_main else None
+        kept = (f"The last good checkpoint is kept in {ckpt}" if ckpt is not None
+                else "No checkpoint had been written yet")
+        return f"{kept}; try a lower lr or a stronger grad_clip"
+
+    def _diverged(self, what: str) -> str:
+        return f"step {self.step_no + 1}: {what}, not finite; stopped before the update. " \
+               + self._kept()
+
+    def _check_step(self, loss: float, grad_norm: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self._diverged(f"the training loss is {loss}"))
+        if not math.isfinite(grad_norm):
+            grads = {n: p.grad for n, p in self.model.named_parameters() if p.grad is not None}
+            first = first_nonfinite(grads)
+            where = f"the gradient of {first[0]}" if first else "the gradient norm"
+            raise TrainingDiverged(self._diverged(f"{where} is not finite (norm {grad_norm})"))
+
+    def _check_state(self) -> None:
+        """Never checkpoint a non-finite model or optimiser state."""
+        bad = first_nonfinite(dict(self.model.named_parameters())) or first_nonfinite(
+            optimizer_tensors(self.optimizer))
+        if bad is not None:
+            what = f"{bad[0]} holds {bad[1]} non-finite value(s) after step {self.step_no}"
+            raise TrainingDiverged(f"{what}; no checkpoint was written for it. {self._kept()}")
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """A resumable checkpoint of the current step (once per step)."""
+        if self.saved_step == self.step_no:
+            return
+        self._check_state()
+        if self.is_main:
+            save_checkpoint(self.folder, self.step_no, self.model, self.optimizer, self.scheduler,
+                            self.generators, {"evals": self.evals,
+                                              "steps_to_target": self.steps_to_target},
+                            keep=self.cfg.keep_checkpoints)
+        self.saved_step = self.step_no
+        dist_utils.barrier(self.ctx)
+
+    def finish(self, elapsed: float) -> TrainResult:
+        if self.evals[-1]["step"] != self.step_no:
+            self.evaluate()
+        tps = self.tokens_seen / elapsed if elapsed > 0 else float("nan")
+        self.log({"step": self.step_no, "kind": "summary", "tokens_per_second": tps,
+                  "elapsed_s": elapsed, "steps_to_target": self.steps_to_target})
+        self.checkpoint()
+        if self.is_main:
+            self.model.save_pretrained(self.folder / FINAL_DIR)
+        dist_utils.barrier(self.ctx)
+        final = {k[len("eval/"):]: v for k, v in self.evals[-1].items() if k.startswith("eval/")}
+        return TrainResult(run_dir=self.run_dir,
+                           steps=self.step_no, final_metrics=final,
+                           steps_to_target=self.steps_to_target, tokens_per_second=tps,
+                           evals=self.evals, model=self.model)
+
+    def loop(self, on_started) -> TrainResult:
+        """Evaluate at step 0 (a fresh run), call ``on_started``, then train to the end."""
+        cfg = self.cfg
+        if self.step_no == 0:
+            self.evaluate()
+        on_started()
+        bar = _progress_bar(cfg, self.step_no, self.folder.name) if self.is_main else None
+        t0 = time.perf_counter()
+        try:
+            while self.step_no < cfg.steps:
+                loss = self.step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step_no % cfg.eval_every == 0 or self.step_no == cfg.steps:
+                    self.evaluate()
+                    if cfg.stop_at_target and self.steps_to_target is not None:
+                        break
+                if cfg.checkpoint_every and self.step_no % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.finish(time.perf_counter() - t0)
+
+
+def _progress_bar(cfg: TrainConfig, initial: int, name: str):
+    """A progress bar on a terminal (or in a notebook); none when stderr goes to a file."""
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return tqdm(total=cfg.steps, initial=initial, desc=name, file=sys.stderr,
+                dynamic_ncols=True, leave=False, disable=not interactive)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------
 
 
 def train(
-    spec: RunSpec,
+    spec: RunSpec | ResolvedRun | dict[str, Any],
     run_dir: str | Path,
     resume: bool = False,
     overwrite: bool = False,
@@ -174,202 +388,55 @@ def train(
     """Train the model described by ``spec`` (or the given ``model``) and write the run folder.
 
     Args:
-        spec: model config, task and training settings.
-        run_dir: the run folder (see the module docstring).
-        resume: continue from ``checkpoints/latest`` in ``run_dir``.
-        overwrite: delete an existing ``run_dir`` first.
+        spec: model config, task and training settings (resolved here when not yet resolved).
+        run_dir: the run folder (see :mod:`kvshift_lens.run_folder`).
+        resume: continue from the latest checkpoint in ``run_dir``.
+        overwrite: replace the run in ``run_dir`` (only a kvshift run, and only once the new run
+            has started).
         model: an already-built model to train (e.g. a retrofitted one); its config must equal
-            ``spec.model``.
+            the resolved ``spec.model``.
 
     Raises:
-        RunFolderError: the folder exists without resume/overwrite, or resume settings differ.
-        TrainingDiverged: the loss or gradients became non-finite.
+        RunFolderError: the folder exists without resume/overwrite, holds foreign files, is
+            written by another process, or its settings differ from a resume's.
+        CheckpointError: a damaged checkpoint on resume.
+        TrainingDiverged: the loss, gradients, weights or evaluation became non-finite.
+        ValueError, TypeError: a bad spec (before anything is written).
     """
-    cfg = spec.train
+    run = spec if isinstance(spec, ResolvedRun) else resolve_run_spec(spec, for_model=model is not None)
+    if model is not None and model.cfg.to_dict() != run.model.to_dict():
+        diff = sorted(k for k, v in run.model.to_dict().items() if model.cfg.to_dict().get(k) != v)
+        raise ValueError(f"the model's config differs from the spec's model in {diff}")
+    if not torch.is_grad_enabled():
+        logger.info("gradients were disabled (torch.set_grad_enabled(False)); training enables "
+                    "them for its own steps")
+    cfg, mode = run.train, _mode(resume, overwrite)
     run_dir = Path(run_dir)
     ctx = dist_utils.init_from_env(cfg.device)
-    is_main = ctx.rank == 0
-    device = ctx.device if ctx.world_size > 1 else resolve_device(cfg.device)
-
-    task = build_task(spec.task)
-    model_cfg = dict(spec.model)
-    model_cfg.setdefault("d_vocab", task.d_vocab)
-    model_cfg.setdefault("n_ctx", task.seq_len)
-    if model is None:
-        model_cfg.setdefault("shift_init", DEFAULT_SHIFT_INIT)
-    spec.model = model_cfg
-    if model_cfg["d_vocab"] < task.d_vocab:
-        raise ValueError(
-            f"model d_vocab={model_cfg['d_vocab']} is smaller than task {spec.task.get('name')!r} "
-            f"d_vocab={task.d_vocab}; the model cannot represent the task's tokens"
-        )
-    if "n_ctx" in model_cfg and model_cfg["n_ctx"] < task.seq_len:
-        raise ValueError(
-            f"model n_ctx={model_cfg['n_ctx']} is shorter than the task's seq_len={task.seq_len}")
-    KVShiftConfig.from_dict({**model_cfg, "device": "cpu"})  # a bad config fails before any write
     if cfg.batch_size % ctx.world_size:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by the number of processes "
-            f"({ctx.world_size})")
-    _check_run_dir(run_dir, spec, resume, overwrite)  # every process, before anyone writes
-    dist_utils.barrier(ctx)
-    if is_main:
-        _create_run_dir(run_dir, spec, overwrite)
-    dist_utils.barrier(ctx)
-
-    init_gen = torch.Generator().manual_seed(cfg.seed)
-    if model is None:
-        # A text task's tokenizer goes with the model, so checkpoints and final/ carry it.
-        model = HookedKVShiftTransformer({**model_cfg, "device": "cpu"}, generator=init_gen,
-                                         tokenizer=getattr(task, "tokenizer", None))
-    eval_task = build_eval_task(spec.task, task)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr,
-                                  betas=cfg.betas, fused=device.type == "cuda" or None)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
-    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    generators = {"data": data_gen}
-
-    metrics_path = run_dir / METRICS_FILE
-    start_step, evals, steps_to_target = 0, [], None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            logger.info("no checkpoint in %s: starting from step 0", run_dir)
-        else:
-            loaded = HookedKVShiftTransformer.from_pretrained(ckpt, device=str(device))
-            model.load_state_dict(loaded.state_dict())
-            tensors, meta = load_checkpoint_state(ckpt)
-            restore_optimizer(optimizer, tensors, meta)
-            scheduler.load_state_dict(meta["scheduler"])
-            restore_generators(generators, tensors)
-            start_step = meta["step"]
-            evals = meta.get("evals", [])
-            steps_to_target = meta.get("steps_to_target")
-            if is_main:
-                _truncate_metrics(metrics_path, start_step)
-    dist_utils.barrier(ctx)
-
-    train_model = dist_utils.wrap(model, ctx)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
-                else contextlib.nullcontext())
-    local = slice(ctx.rank * cfg.batch_size // ctx.world_size,
-                  (ctx.rank + 1) * cfg.batch_size // ctx.world_size)
-
-    def log(record: dict[str, Any]) -> None:
-        if is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def evaluate(step: int) -> dict[str, Any]:
-        nonlocal steps_to_target
-        model.eval()
-        eval_gen = torch.Generator().manual_seed(cfg.seed + 2)
-        sums: dict[str, float] = {}
-        with torch.no_grad(), autocast:
-            batches = (eval_task.eval_batches(cfg.batch_size, cfg.eval_batches)
-                       if hasattr(eval_task, "eval_batches") else
-                       (eval_task.sample(cfg.batch_size, eval_gen)
-                        for _ in range(cfg.eval_batches)))
-            for batch in batches:
-                batch = batch.to(device)
-                m = eval_task.metrics(model(batch.tokens).float(), batch)
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        model.train()
-        record = {"step": step, "kind": "eval",
-                  **{f"eval/{k}": v / cfg.eval_batches for k, v in sums.items()},
-                  "coefficients": coefficient_log(model)}
-        acc = record.get("eval/accuracy")
-        if steps_to_target is None and acc is not None and acc >= cfg.target_accuracy:
-            steps_to_target = step
-        record["steps_to_target"] = steps_to_target
-        evals.append(record)
-        log(record)
-        return record
-
-    def checkpoint(step: int) -> None:
-        if is_main:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, generators,
-                            {"evals": evals, "steps_to_target": steps_to_target},
-                            keep=cfg.keep_checkpoints)
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of "
+                         f"processes ({ctx.world_size})")
+    writer = RunWriter(run_dir, mode) if ctx.rank == 0 else None
+    with contextlib.ExitStack() as stack, torch.enable_grad():
+        error = None
+        if writer is not None:
+            try:
+                stack.enter_context(writer)
+                if mode == "resume":
+                    check_resume(run_dir, run)
+                else:
+                    (writer.path / RUN_FILE).write_text(json.dumps(run.to_dict(), indent=2))
+            except (RunFolderError, CheckpointError, OSError) as e:
+                error = e
+        if not dist_utils.all_ok(error is None, ctx):
+            raise error if error is not None else RunFolderError(
+                f"{run_dir}: the main process could not open the run folder")
+        trainer = Trainer(run, run_dir, writer, ctx, model)
+        if mode == "resume":
+            trainer.restore(run_dir)
         dist_utils.barrier(ctx)
-
-    if start_step == 0:
-        evaluate(0)
-    bar = None
-    if cfg.progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start_step, desc=run_dir.name, file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
-    tokens_seen, t0 = 0, time.perf_counter()
-    step = start_step
-    try:
-        while step < cfg.steps:
-            batch = task.sample(cfg.batch_size, data_gen).to(device)
-            targets = batch.targets
-            n_global = int((targets != IGNORE_INDEX).sum())
-            tokens = batch.tokens[local]
-            with autocast:
-                logits = train_model(tokens)
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets[local].flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-            # DDP averages gradients over processes; scale so the result is the global mean.
-            loss = loss_sum * (ctx.world_size / max(1, n_global))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            global_loss = dist_utils.all_reduce_sum(loss_sum.detach(), ctx) / max(1, n_global)
-            if not (torch.isfinite(global_loss) and torch.isfinite(grad_norm)):
-                raise TrainingDiverged(
-                    f"step {step + 1}: loss={float(global_loss)}, grad_norm={float(grad_norm)} "
-                    "is not finite; stopped. The last good checkpoint is kept"
-                    + (f" in {run_dir / 'checkpoints'}" if (run_dir / "checkpoints").exists()
-                       else " (none was written yet)")
-                    + "; try a lower lr or stronger grad_clip")
-            optimizer.step()
-            scheduler.step()
-            model.constrain_shift_()
-            step += 1
-            tokens_seen += batch.tokens.numel()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(global_loss):.4f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log({"step": step, "kind": "train", "train/loss": float(global_loss),
-                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)})
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                evaluate(step)
-                if cfg.stop_at_target and steps_to_target is not None:
-                    checkpoint(step)
-                    break
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(step)
-    finally:
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - t0
-    if evals[-1]["step"] != step:
-        evaluate(step)
-    log({"step": step, "kind": "summary", "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
-         "elapsed_s": elapsed, "steps_to_target": steps_to_target})
-    if is_main:
-        if not cfg.checkpoint_every or step % cfg.checkpoint_every:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, generators,
-                            {"evals": evals, "steps_to_target": steps_to_target},
-                            keep=cfg.keep_checkpoints)
-        model.save_pretrained(run_dir / "final")
-    dist_utils.barrier(ctx)
-    final = {k[len("eval/"):]: v for k, v in evals[-1].items() if k.startswith("eval/")}
-    return TrainResult(run_dir=run_dir, steps=step, final_metrics=final,
-                       steps_to_target=steps_to_target,
-                       tokens_per_second=tokens_seen / elapsed if elapsed > 0 else float("nan"),
-                       evals=evals, model=model)
+        return trainer.loop(on_started=writer.commit_start if writer else lambda: None)
 
 
-__all__ = ["CheckpointError", "RunFolderError", "TrainResult", "TrainingDiverged", "train"]
+__all__ = ["CHECKPOINTS_DIR", "CheckpointError", "RunFolderError", "TrainResult",
+           "TrainingDiverged", "Trainer", "param_groups", "train"]

@@ -1,5 +1,6 @@
-"""Pictures of KV-shift models: plotly figures, circuitsvis views, the loss landscape and the run
-report (the application layer: it reads models, runs and, for effective patterns, ``probes``).
+"""Pictures of KV-shift models: plotly figures, circuitsvis views, the loss landscape and static
+image export. Nothing here reads run folders or trains: the run report
+(:mod:`kvshift_lens.report`) composes these pictures.
 
 - :mod:`~kvshift_lens.viz.figures`: functions from plain data (coefficients, metrics records,
   scores) to ``plotly`` figures; no I/O.
@@ -7,12 +8,12 @@ report (the application layer: it reads models, runs and, for effective patterns
   (PAPER.md item 5), through the coefficient hooks.
 - :mod:`~kvshift_lens.viz.patterns`: circuitsvis attention patterns (plain and effective) and
   tokens coloured by loss, as offline HTML.
-- :mod:`~kvshift_lens.viz.report`: ``write_report(run_dir)``, one self-contained HTML page per
-  run, plus PNG/SVG exports.
+- :mod:`~kvshift_lens.viz.export`: PNG/SVG files of plotly figures (kaleido + Chromium).
 
 Importing this package imports plotly but neither circuitsvis' bundle nor kaleido.
 """
 
+from kvshift_lens.viz.export import export_static
 from kvshift_lens.viz.figures import (
     ablation_bars,
     coefficient_heatmaps,
@@ -32,7 +33,6 @@ from kvshift_lens.viz.patterns import (
     loss_tokens,
     plain_and_effective,
 )
-from kvshift_lens.viz.report import export_static, generate_report, write_report
 
 __all__ = [
     "Landscape",
@@ -44,7 +44,6 @@ __all__ = [
     "coefficient_trajectories",
     "colored_tokens",
     "export_static",
-    "generate_report",
     "landscape_figure",
     "loss_curves",
     "loss_landscape",
@@ -53,5 +52,4 @@ __all__ = [
     "plain_and_effective",
     "score_heatmap",
     "steps_to_accuracy",
-    "write_report",
 ]

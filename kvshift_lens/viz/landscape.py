@@ -24,11 +24,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from kvshift_lens.data.tasks import IGNORE_INDEX, Batch
+from kvshift_lens.data.tasks import Batch, masked_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +65,6 @@ class Landscape:
         i = int(self.loss.argmin())
         n_b = self.loss.shape[1]
         return float(self.a1[i // n_b]), float(self.b1[i % n_b])
-
-
-def masked_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: Batch) -> Float[Tensor, ""]:
-    """Mean cross-entropy over the batch's masked positions, in the logits' precision (float32
-    for half-precision logits): the trainer's loss."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def _check_model(model, layer: int) -> None:
@@ -184,7 +175,7 @@ def loss_landscape(
     model.eval()
     try:
         with torch.no_grad():
-            model_loss = float(masked_loss(model(batch.tokens), batch))
+            model_loss = float(masked_cross_entropy(model(batch.tokens), batch))
         hooks = [(f"blocks.{layer}.attn.hook_shift_k", _setter(point, "a", chosen)),
                  (f"blocks.{layer}.attn.hook_shift_v", _setter(point, "b", chosen))]
         with model.hooks(fwd_hooks=hooks), torch.set_grad_enabled(gradient):
@@ -192,7 +183,7 @@ def loss_landscape(
                 for j, b in enumerate(b1s.tolist()):
                     point["a"] = torch.tensor(a, dtype=torch.float64, requires_grad=gradient)
                     point["b"] = torch.tensor(b, dtype=torch.float64, requires_grad=gradient)
-                    here = masked_loss(model(batch.tokens), batch)
+                    here = masked_cross_entropy(model(batch.tokens), batch)
                     loss[i, j] = float(here.detach())
                     if grad is not None:
                         ga, gb = torch.autograd.grad(here, (point["a"], point["b"]))
@@ -227,4 +218,4 @@ def _setter(point: dict[str, Tensor], name: str, heads: list[int]) -> Callable:
     return hook
 
 
-__all__ = ["Landscape", "loss_landscape", "masked_loss", "plane_hooks"]
+__all__ = ["Landscape", "loss_landscape", "plane_hooks"]

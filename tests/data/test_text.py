@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvshift_lens import HookedKVShiftTransformer, byte_level_tokenizer
-from kvshift_lens.checkpoint import save_pretrained
 from kvshift_lens.data import (
     Batch,
     Document,
@@ -324,7 +323,7 @@ def test_tokenizer_saved_alone_and_with_a_checkpoint(tmp_path):
     assert path.name == "tokenizer.json"
     assert load_tokenizer(tmp_path / "tok").to_str() == tok.to_str()
     model = HookedKVShiftTransformer(tiny_config(d_vocab=tok.get_vocab_size()), tokenizer=tok)
-    save_pretrained(model, tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt")
     assert load_tokenizer(tmp_path / "ckpt").to_str() == tok.to_str()
     task = TextTask.from_corpus(tmp_path / "tok" / "tokenizer.json", tokenizer=tmp_path / "ckpt",
                                 seq_len=4, val_fraction=0.0)

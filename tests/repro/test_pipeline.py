@@ -12,16 +12,28 @@ import pytest
 from kvshift_lens.cli import main
 from kvshift_lens.repro import EXPERIMENTS, run_experiments
 from kvshift_lens.repro.report import NOT_RUN, SECTIONS, build_report
-from kvshift_lens.train.sweep import expand_sweep, load_sweep_spec, prepare_run_spec
+from kvshift_lens.train import resolve_run_spec
+from kvshift_lens.train.sweep import expand_sweep, load_sweep_spec
+from kvshift_lens.train.tasks import build_tasks
 
 
 @pytest.mark.parametrize("quick", [False, True])
-def test_every_spec_is_a_valid_sweep(quick: bool) -> None:
+def test_every_spec_is_a_valid_sweep(quick: bool, monkeypatch) -> None:
+    # Each distinct task is built once (text corpora and tokenizers take seconds to build).
+    built: dict[str, tuple] = {}
+
+    def cached(spec):
+        key = json.dumps(spec, sort_keys=True)
+        if key not in built:
+            built[key] = build_tasks(spec)
+        return built[key]
+
+    monkeypatch.setattr("kvshift_lens.train.tasks.build_tasks", cached)
     for name, exp in EXPERIMENTS.items():
         runs = expand_sweep(load_sweep_spec(exp.spec(quick)))
         assert runs, name
         for run in runs:
-            prepare_run_spec(run.spec)  # raises on any bad value
+            resolve_run_spec(run.spec)  # raises on any bad value
         if quick:
             assert all(r.spec["train"]["steps"] <= 6 for r in runs), name
             assert {r.seed for r in runs} == {0}, name
@@ -92,7 +104,7 @@ def test_cli_repro(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_an_experiment_may_grow_but_not_change() -> None:
-    from kvshift_lens.repro.run import extends
+    from kvshift_lens.train.sweep import extends
 
     old = load_sweep_spec(EXPERIMENTS["width"].spec())
     grown = json.loads(json.dumps(old))

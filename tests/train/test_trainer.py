@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from kvshift_lens import HookedKVShiftTransformer
+from kvshift_lens.run_folder import latest_checkpoint
 from kvshift_lens.train import (
     RunFolderError,
     RunSpec,
     TrainConfig,
     TrainingDiverged,
     lr_lambda,
+    resolve_run_spec,
     train,
 )
-from kvshift_lens.train import trainer as trainer_module
-from kvshift_lens.train.state import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,34 +54,33 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_is_bit_identical(tmp_path, monkeypatch):
+class _CrashingTask:
+    """The task of a resolved run, raising on its ``n``-th training draw (a crash mid-run)."""
+
+    def __init__(self, task, n: int):
+        self.task, self.n, self.calls = task, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def sample(self, batch_size, generator):
+        self.calls += 1
+        if self.calls == self.n:
+            raise _Crash
+        return self.task.sample(batch_size, generator)
+
+
+def crashing_run(spec: RunSpec, at_draw: int):
+    run = resolve_run_spec(spec)
+    run.task = _CrashingTask(run.task, at_draw)
+    return run
+
+
+def test_resume_is_bit_identical(tmp_path):
     straight = train(small_spec(), tmp_path / "straight")
-
-    real_build = trainer_module.build_task
-
-    def crashing_build(spec):
-        task = real_build(spec)
-        calls = {"n": 0}
-        original = task.sample
-
-        class Wrapped:
-            def __getattr__(self, name):
-                return getattr(task, name)
-
-            def sample(self, batch_size, generator):
-                if batch_size == 8 and generator is not None:
-                    calls["n"] += 1
-                    if calls["n"] == 17:  # 2 eval draws per eval: this is step 11, after the step-8 checkpoint
-                        raise _Crash
-                return original(batch_size, generator)
-
-        return Wrapped()
-
-    monkeypatch.setattr(trainer_module, "build_task", crashing_build)
-    with pytest.raises(_Crash):
-        train(small_spec(), tmp_path / "crashed")
+    with pytest.raises(_Crash):  # step 11's batch, after the step-8 checkpoint
+        train(crashing_run(small_spec(), 11), tmp_path / "crashed")
     assert latest_checkpoint(tmp_path / "crashed").name == "step_00000008"
-    monkeypatch.setattr(trainer_module, "build_task", real_build)
     resumed = train(small_spec(), tmp_path / "crashed", resume=True)
 
     a, b = _state(tmp_path / "straight"), _state(tmp_path / "crashed")
@@ -120,7 +119,8 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
         return x
 
     model.add_perma_hook("hook_embed", poison)
-    with pytest.raises(TrainingDiverged, match=r"step 5: loss=nan.*not finite.*last good checkpoint"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"step 5: the training loss is nan, not finite.*last good checkpoint"):
         train(spec, tmp_path / "run", model=model)
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == "step_00000004"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvshift_lens.viz.report import write_report
+from kvshift_lens.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

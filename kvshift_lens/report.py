@@ -1,4 +1,6 @@
-"""One self-contained HTML report of a training run (``kvshift report RUN_DIR``).
+"""One self-contained HTML report of a training run (``kvshift report RUN_DIR``): application code
+beside the command line, composing the run folder, the model, probes and the figures of
+:mod:`kvshift_lens.viz`.
 
 The report reads the run folder (run.json, metrics.jsonl, the final/ model or the latest
 checkpoint) and shows:
@@ -30,7 +32,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,18 +41,23 @@ from typing import Any
 import plotly.graph_objects as go
 import torch
 
+import kvshift_lens
+from kvshift_lens._files import atomic_write_text
+from kvshift_lens.data.tasks import InductionTask, RepeatedTokensTask
+from kvshift_lens.model import HookedKVShiftTransformer
+from kvshift_lens.run_folder import METRICS_FILE, REPORT_FILE, RUN_FILE, model_folder, read_metrics
+from kvshift_lens.train.tasks import build_task
 from kvshift_lens.viz import figures as F
 from kvshift_lens.viz import patterns as P
+from kvshift_lens.viz.export import StaticExport, export_static
+from kvshift_lens.viz.landscape import loss_landscape
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_TARGET = 0.9
 MAX_LANDSCAPE_HEADS = 4
 """Up to this many key/value heads the report maps one landscape per head; beyond it, one with
 every head of the layer moved together."""
-BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
 class ReportError(ValueError):
@@ -82,19 +88,6 @@ class RunData:
         return float(self.spec.get("train", {}).get("target_accuracy", DEFAULT_TARGET))
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line cut short by a crash is skipped."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def load_run(run_dir: str | Path, load_model: bool = True) -> RunData:
     """Read a run folder: run.json, metrics.jsonl and (with ``load_model``) the final model, or
     the latest checkpoint when training has not finished.
@@ -123,12 +116,7 @@ def load_run(run_dir: str | Path, load_model: bool = True) -> RunData:
         raise ReportError(f"{run_dir / METRICS_FILE} has no training or evaluation records yet")
     run = RunData(run_dir=run_dir, spec=spec, records=records)
     if load_model:
-        from kvshift_lens.checkpoint import CONFIG_FILE
-        from kvshift_lens.model import HookedKVShiftTransformer
-        from kvshift_lens.train.state import latest_checkpoint
-
-        final = run_dir / "final"
-        model_dir = final if (final / CONFIG_FILE).is_file() else latest_checkpoint(run_dir)
+        model_dir = model_folder(run_dir)
         if model_dir is not None:
             run.model = HookedKVShiftTransformer.from_pretrained(model_dir, device="cpu").eval()
             run.model_dir = Path(model_dir)
@@ -270,8 +258,6 @@ class Item:
 
 
 def _synthetic_task(run: RunData):
-    from kvshift_lens.train.tasks import build_task
-
     task_spec = run.spec.get("task")
     if not isinstance(task_spec, dict) or task_spec.get("name") in (None, "text"):
         return None
@@ -282,8 +268,6 @@ def _synthetic_task(run: RunData):
 
 
 def _landscape_task(run: RunData):
-    from kvshift_lens.data.tasks import InductionTask
-
     task = _synthetic_task(run)
     if task is not None and getattr(task, "name", None) == "induction":
         return task, "the run's induction task"
@@ -297,8 +281,6 @@ def landscape_items(run: RunData, grid: int = 15, n_sequences: int = 16,
                     seed: int = 0) -> tuple[list[Item], list[str]]:
     """The loss-landscape figures of a one-layer model with shifted keys and values, or notes
     saying why there are none."""
-    from kvshift_lens.viz.landscape import loss_landscape
-
     model = run.model
     if model is None:
         return [], ["no model in the run folder, so no loss landscape"]
@@ -338,8 +320,6 @@ def landscape_items(run: RunData, grid: int = 15, n_sequences: int = 16,
 
 
 def _pattern_sequence(run: RunData, seed: int):
-    from kvshift_lens.data.tasks import RepeatedTokensTask
-
     cfg = run.model.cfg
     task = _synthetic_task(run)
     d_vocab = task.d_vocab if task is not None else cfg.d_vocab
@@ -441,95 +421,6 @@ def run_items(run: RunData, landscape: bool = True, landscape_grid: int = 15,
 
 
 # ---------------------------------------------------------------------------------------------
-# Static export
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class StaticExport:
-    """What :func:`export_static` did: ``status`` is "written", "skipped" or "failed"."""
-
-    status: str
-    message: str
-    directory: Path | None = None
-    files: list[Path] = field(default_factory=list)
-
-
-def find_browser() -> str | None:
-    """A Chrome/Chromium binary for kaleido: ``BROWSER_PATH`` when set, else the first of
-    :data:`BROWSER_NAMES` on PATH."""
-    env = os.environ.get("BROWSER_PATH")
-    if env:
-        return env if Path(env).is_file() else None
-    for name in BROWSER_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def export_static(
-    figures: Mapping[str, go.Figure],
-    out_dir: str | Path,
-    formats: Sequence[str] = ("png", "svg"),
-    browser: str | None = None,
-    width: int = 1000,
-    timeout: float = 120,
-) -> StaticExport:
-    """Write every figure as ``out_dir/<name>.<format>`` with kaleido (one browser session for
-    all). Never raises for a missing or failing exporter: the result says what happened.
-
-    Args:
-        figures: ``{name: figure}``; names become file names.
-        browser: the Chrome/Chromium binary (default :func:`find_browser`).
-        width: image width in pixels for figures that set none (heights are the figures' own,
-            else 500).
-        timeout: seconds allowed per image.
-    """
-    if not figures:
-        return StaticExport("skipped", "no figures to export")
-    try:
-        import kaleido
-    except ImportError:
-        return StaticExport("skipped", "kaleido is not installed (pip install kaleido); no PNG/SVG "
-                                       "files were written")
-    browser = browser or find_browser()
-    if browser is None:
-        return StaticExport("skipped", "kaleido needs Chrome or Chromium and none was found (install "
-                                       "the Debian package chromium, or set BROWSER_PATH); no "
-                                       "PNG/SVG files were written")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs, files = [], []
-    for name, fig in figures.items():
-        size = {"width": fig.layout.width or width, "height": fig.layout.height or 500}
-        for fmt in formats:
-            path = out / f"{name}.{fmt}"
-            files.append(path)
-            jobs.append({"fig": fig, "path": str(path), "opts": {"format": fmt, **size}})
-    t0 = time.perf_counter()
-    try:
-        # mathjax=False: kaleido would otherwise load MathJax from a CDN; plotly.js comes from
-        # the plotly package on disk.
-        kaleido.write_fig_from_object_sync(
-            jobs, kopts={"path": browser, "mathjax": False, "timeout": timeout},
-            cancel_on_error=True)
-    except Exception as e:  # noqa: BLE001 - any exporter failure becomes a note, never a crash
-        message = " ".join(f"{type(e).__name__}: {e}".split())[:400]
-        logger.warning("static export failed: %s", message)
-        return StaticExport("failed", f"static export with kaleido failed ({message}); no "
-                                      "PNG/SVG files were written", out)
-    missing = [p for p in files if not p.is_file() or p.stat().st_size == 0]
-    if missing:
-        logger.warning("static export wrote no %s", ", ".join(p.name for p in missing))
-        return StaticExport("failed", f"kaleido did not write {len(missing)} of {len(files)} "
-                                      "files", out, [p for p in files if p not in missing])
-    logger.info("wrote %d static images to %s in %.1f s", len(files), out, time.perf_counter() - t0)
-    return StaticExport("written", f"{len(files)} files ({', '.join(formats).upper()}) written "
-                                   f"with kaleido and {browser}", out, files)
-
-
-# ---------------------------------------------------------------------------------------------
 # The HTML page
 # ---------------------------------------------------------------------------------------------
 
@@ -606,8 +497,6 @@ def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes:
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     model_note = (f"Model: {run.model_dir}" if run.model_dir is not None
                   else "No model was found in the run folder.")
-    from kvshift_lens import __version__
-
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -630,7 +519,7 @@ def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes:
 <section id="notes"><h2>Notes</h2>
 <ul><li class="{static_class}">{html.escape(static_text)}</li>
 {notes_html}</ul>
-<p class=caption>Generated by kvshift_lens {__version__}. Every script is inlined: the page works
+<p class=caption>Generated by kvshift_lens {kvshift_lens.__version__}. Every script is inlined: the page works
 offline.</p>
 </section>
 </main>
@@ -674,7 +563,7 @@ def generate_report(
         ReportError: ``run_dir`` is not a readable run folder.
     """
     run = load_run(run_dir)
-    out = Path(out_path) if out_path is not None else run.run_dir / "report.html"
+    out = Path(out_path) if out_path is not None else run.run_dir / REPORT_FILE
     if out.exists() and out.is_dir():
         raise ReportError(f"--out {out} is a folder; give a file name such as report.html")
     t0 = time.perf_counter()
@@ -688,9 +577,7 @@ def generate_report(
         exported = export_static({i.name: i.figure for i in items if i.figure is not None},
                                  out.parent / f"{out.stem}_figures")
     page = render_html(run, summary, items, notes, exported, out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    atomic_write_text(out, page)
     logger.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     return ReportOutcome(path=out, summary=summary, static=exported,
                          items=[i.name for i in items], notes=notes)
@@ -708,9 +595,6 @@ __all__ = [
     "ReportOutcome",
     "RunData",
     "RunSummary",
-    "StaticExport",
-    "export_static",
-    "find_browser",
     "generate_report",
     "load_run",
     "summarize_run",

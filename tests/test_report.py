@@ -5,25 +5,21 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
-import plotly.graph_objects as go
 import pytest
 import torch
 
 from kvshift_lens import HookedKVShiftTransformer
 from kvshift_lens.cli import main
-from kvshift_lens.viz import patterns as P
-from kvshift_lens.viz.report import (
+from kvshift_lens.report import (
     ReportError,
-    export_static,
-    find_browser,
     generate_report,
     load_run,
     summarize_run,
     write_report,
 )
+from kvshift_lens.viz import patterns as P
 from tests.helpers import build
 
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=", re.I)
@@ -154,7 +150,7 @@ def test_summary_states_the_runs_numbers(tiny_run):
 
 def test_report_of_a_vanilla_two_layer_run_leaves_out_what_does_not_apply(tmp_path):
     from kvshift_lens.train import train
-    from tests.viz.conftest import tiny_spec
+    from tests.conftest import tiny_spec
 
     spec = tiny_spec(steps=4)
     spec.model.update(n_layers=2, shift_k=False, shift_v=False)
@@ -174,49 +170,6 @@ def test_unreadable_run_folders_raise_report_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "kind": "summary"}\n{"broken')
     with pytest.raises(ReportError, match="no training or evaluation records"):
         load_run(tmp_path)
-
-
-# ------------------------------------------------------------------ static export
-
-
-def _figure() -> go.Figure:
-    return go.Figure(go.Scatter(x=[0, 1, 2], y=[1, 3, 2]), layout=dict(height=300))
-
-
-def test_static_export_without_kaleido_or_a_browser_is_a_note(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
-    result = export_static({"f": _figure()}, tmp_path / "figs")
-    assert result.status == "skipped" and "kaleido is not installed" in result.message
-    monkeypatch.delitem(sys.modules, "kaleido")
-    pytest.importorskip("kaleido")
-    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chrome"))
-    assert find_browser() is None
-    result = export_static({"f": _figure()}, tmp_path / "figs")
-    assert result.status == "skipped" and "Chromium" in result.message
-
-
-def test_static_export_failure_is_caught(tmp_path):
-    pytest.importorskip("kaleido")
-    fake = tmp_path / "chrome"
-    fake.write_text("#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
-    result = export_static({"f": _figure()}, tmp_path / "figs", browser=str(fake), timeout=20)
-    assert result.status == "failed" and "kaleido" in result.message
-    assert not list((tmp_path / "figs").glob("*.png"))
-
-
-@pytest.mark.skipif(find_browser() is None, reason="no Chrome/Chromium for kaleido")
-def test_static_export_writes_png_and_svg(tmp_path):
-    pytest.importorskip("kaleido")
-    result = export_static({"curve": _figure(), "bars": go.Figure(go.Bar(y=[1, 2]))},
-                           tmp_path / "figs")
-    assert result.status == "written", result.message
-    names = sorted(p.name for p in result.files)
-    assert names == ["bars.png", "bars.svg", "curve.png", "curve.svg"]
-    png = (tmp_path / "figs" / "curve.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
-    svg = (tmp_path / "figs" / "curve.svg").read_text()
-    assert "<svg" in svg
 
 
 # ------------------------------------------------------------------ the command
