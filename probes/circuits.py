@@ -421,6 +421,9 @@ def decompose_attn_scores(model: Any, tokens: Tensor, layer: int, head: int) -> 
     key shift (one term per lag), the query shift if there is one, rotary positions (before or
     after the shift, as ``cfg.shift_position`` says) and ln1 (from its cached ``hook_scale``).
 
+    Memory: ``terms`` holds ``n_components^2 * n_lags * batch * pos^2`` numbers (n_components =
+    2 + layer * (n_heads + 2) + 1 or so); decompose a few sequences at a time.
+
     Args:
         model: a TransformerLens-style model with HookedTransformer's hooks.
         tokens: ``[batch, pos]`` (or ``[pos]``) token ids.
@@ -524,8 +527,9 @@ class LaggedComposition:
     weighted by its coefficient ``c_l``. They sum, over both lag axes, to the plain score
     (``plain``). What the plain score cannot say is *where* the later head reads: K-composition
     at ``l = 1`` means that h2's key at j reads what h1 wrote at ``j - 1`` (the key's previous-
-    position term), so h1's output reaches h2's query ``offset = s + l`` positions after the
-    position h1 read it from (relative to where h1 attended).
+    position term); with value lag s, what h1 wrote there came from s positions before the
+    position h1 attended to. So for an h1 attending to its own position, h2's key at j describes
+    position ``j - (s + l)``: :meth:`by_offset` sums the scores by ``offset = s + l``.
     """
 
     mode: str
