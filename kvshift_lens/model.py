@@ -549,7 +549,8 @@ class HookedKVShiftTransformer(HookedRootModule):
     # ------------------------------------------------------------------ weights processing
     def fold_layer_norm_(self, center_writing_weights: bool = True,
                          center_unembed: bool = True) -> HookedKVShiftTransformer:
-        """Fold norms into the weights that read them, with TransformerLens' ``ProcessWeights``.
+        """Fold norms into the weights that read them: ``ProcessWeights``' steps with fixed axes
+        (``kvshift_lens.processing``; exact for square shapes such as ``d_vocab == d_model``).
 
         Value biases are never folded: under the shift the value bias reaching position t is
         ``(beta1 + beta2) * b_V`` everywhere but position 0, so folding it into ``b_O`` is not

@@ -13,6 +13,8 @@ Probes read models through TransformerLens hooks and, where present, the model's
   coefficients included).
 - :mod:`probes.linear`: linear probes for the previous token's identity.
 - :mod:`probes.composition`: Q/K/V composition scores with a random baseline (vanilla models).
+- :mod:`probes.circuits`: shift-aware circuit maths: per-lag QK / OV and full circuits, an exact
+  per-component, per-lag decomposition of attention scores, composition scores split by lag.
 """
 
 from probes.ablation import (
@@ -28,6 +30,18 @@ from probes.ablation import (
     remove_shift,
     remove_value_shift,
     zero_ablate_head,
+)
+from probes.circuits import (
+    LaggedComposition,
+    LaggedOV,
+    LaggedQK,
+    ScoreDecomposition,
+    decompose_attn_scores,
+    full_ov_circuit,
+    full_qk_circuit,
+    lagged_composition_scores,
+    lagged_ov_circuit,
+    lagged_qk_circuit,
 )
 from probes.composition import (
     CompositionResult,
@@ -89,6 +103,16 @@ __all__ = [
     "remove_value_shift",
     "run_with_patches",
     "zero_ablate_head",
+    "LaggedComposition",
+    "LaggedOV",
+    "LaggedQK",
+    "ScoreDecomposition",
+    "decompose_attn_scores",
+    "full_ov_circuit",
+    "full_qk_circuit",
+    "lagged_composition_scores",
+    "lagged_ov_circuit",
+    "lagged_qk_circuit",
     "DUPLICATE_TOKEN_THRESHOLD",
     "INDUCTION_THRESHOLD",
     "KEY_SHIFT_THRESHOLD",

@@ -23,7 +23,14 @@ scale does not matter).
 **The shift path is invisible here.** A KV-shifted head reads the previous token through
 ``K'_t = a1 K_t + a2 K_{t-1}`` inside one layer: no weight matrix of an earlier head is involved,
 so weight-based composition (which only sees W_Q, W_K, W_V, W_O across layers) says nothing about
-it, and a one-layer KV-shift model has no pairs at all. Measure the shift path causally instead:
+it, and a one-layer KV-shift model has no pairs at all. Between layers the plain score is
+lag-blind: a high K-composition of ``h1 -> h2`` says h2's keys read what h1 writes, not that a
+shifted h2 reads it *one position back* (an induction head, where the plain reading suggests a
+head matching its own token). Use the shift-aware forms in :mod:`probes.circuits`:
+``lagged_composition_scores`` (these scores split by the earlier head's value lag and the later
+head's key / value lag), ``lagged_qk_circuit`` / ``lagged_ov_circuit`` / ``full_qk_circuit`` /
+``full_ov_circuit`` (one circuit per lag) and ``decompose_attn_scores`` (per-component, per-lag
+terms that sum to ``hook_attn_scores``). Measure the shift path causally with
 ``probes.ablation.remove_key_shift`` / ``remove_value_shift`` and ``probes.patching`` on
 ``hook_shift_k`` / ``hook_k_shifted``. The scores also ignore LayerNorm scales between layers;
 fold LayerNorm into the weights first (``model.fold_layer_norm_()`` on a copy) for weights that
@@ -72,7 +79,10 @@ def composition_scores_from_weights(
 ) -> Float[Tensor, "layer1 head1 layer2 head2"]:
     """``scores[l1, h1, l2, h2]``: ``mode``-composition of head ``(l1, h1)`` into the later head
     ``(l2, h2)``; 0 wherever ``l1 >= l2`` (no path). Weights are stacked per layer and head as
-    TransformerLens stores them (K/V per query head under grouped-query attention)."""
+    TransformerLens stores them (K/V per query head under grouped-query attention).
+
+    Weights only: for KV-shifted heads the score does not say at which position offset the later
+    head reads (module docstring); ``probes.circuits.lagged_composition_scores`` does."""
     _check_mode(mode)
     shapes = [tuple(w.shape) for w in (W_Q, W_K, W_V, W_O)]
     if any(len(s) != 4 for s in shapes) or not (shapes[0] == shapes[1] == shapes[2]) or \
@@ -117,7 +127,7 @@ def all_composition_scores(model: Any, mode: str = "K") -> Float[Tensor, "layer1
     """:func:`composition_scores_from_weights` on ``model.W_Q``, ``W_K``, ``W_V``, ``W_O``.
 
     Warns when the model has non-identity shift coefficients: the scores do not see the shift
-    path (module docstring).
+    path (module docstring); ``probes.circuits.lagged_composition_scores`` splits them by lag.
 
     Raises:
         ValueError: for a model without stacked attention weights or with fewer than 2 layers.
@@ -128,11 +138,15 @@ def all_composition_scores(model: Any, mode: str = "K") -> Float[Tensor, "layer1
         raise ValueError(
             f"composition needs at least 2 layers; this model has {weights[0].shape[0]}. A "
             "one-layer KV-shift head composes with the previous position through its coefficients, "
-            "which weight-based composition does not see: measure it with probes.ablation.remove_shift")
+            "which weight-based composition does not see: read it with "
+            "probes.circuits.full_qk_circuit (per lag) or measure it with "
+            "probes.ablation.remove_shift")
     if _has_shift(model):
         warnings.warn(
             "weight-based composition scores ignore the KV shift path (a shifted head reads the "
-            "previous token without composing with an earlier head); measure it by ablation "
+            "previous token without composing with an earlier head, and reads an earlier head's "
+            "output at the positions its coefficients weight); split them by lag with "
+            "probes.circuits.lagged_composition_scores, measure the path by ablation "
             "(probes.ablation.remove_shift)", stacklevel=2)
     return composition_scores_from_weights(*weights, mode=mode)
 
