@@ -45,9 +45,15 @@ __all__ = [
 
 # Text corpora (:mod:`.text`): the embedded stdlib corpus, local files, a document-level
 # train/validation split, byte-level and locally trained BPE tokenizers, and TextTask.
+# (load_tokenizer / save_tokenizer are kvshift_lens.tokenizer's, re-exported.)
 from kvshift_lens.data.text import (  # noqa: E402
+    DEFAULT_CHUNK_CHARS,
+    CorpusError,
+    CorpusNotFoundError,
+    CorpusUnavailableError,
     Document,
     TextTask,
+    chunk_documents,
     encode_documents,
     is_validation,
     load_corpus,
@@ -63,8 +69,13 @@ from kvshift_lens.data.text import (  # noqa: E402
 )
 
 __all__ += [
+    "DEFAULT_CHUNK_CHARS",
+    "CorpusError",
+    "CorpusNotFoundError",
+    "CorpusUnavailableError",
     "Document",
     "TextTask",
+    "chunk_documents",
     "encode_documents",
     "is_validation",
     "load_corpus",
