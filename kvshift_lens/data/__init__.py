@@ -48,6 +48,7 @@ __all__ = [
 # (load_tokenizer / save_tokenizer are kvshift_lens.tokenizer's, re-exported.)
 from kvshift_lens.data.text import (  # noqa: E402
     DEFAULT_CHUNK_CHARS,
+    CorpusDependencyError,
     CorpusError,
     CorpusNotFoundError,
     CorpusUnavailableError,
@@ -70,6 +71,7 @@ from kvshift_lens.data.text import (  # noqa: E402
 
 __all__ += [
     "DEFAULT_CHUNK_CHARS",
+    "CorpusDependencyError",
     "CorpusError",
     "CorpusNotFoundError",
     "CorpusUnavailableError",

@@ -64,8 +64,9 @@ read the same files on their own (for example before a model exists).
 
 Errors a user can fix are one line naming the source and what is wrong: :class:`CorpusError` (a
 ``ValueError``) and its subclasses :class:`CorpusNotFoundError` (also a ``FileNotFoundError``:
-a missing path, a glob that matches no file) and :class:`CorpusUnavailableError` (also an
-``OSError``: an unreadable file, a Hugging Face dataset that cannot be loaded).
+a missing path, a glob that matches no file), :class:`CorpusUnavailableError` (also an
+``OSError``: an unreadable file, a Hugging Face dataset that cannot be loaded) and
+:class:`CorpusDependencyError` (also an ``ImportError``: ``datasets`` is not installed).
 
 Nothing is cached on disk: every call reads and tokenizes the corpus again.
 """
@@ -150,7 +151,7 @@ class Document:
     Attributes:
         name: its key for the train/validation split: the path relative to the corpus root (POSIX
             separators), the file name for a single file, or the row index for a Hugging Face
-            dataset.
+            dataset; ``"name#i"`` for piece ``i`` of a document cut by :func:`chunk_documents`.
         text: its contents.
     """
 
