@@ -45,14 +45,15 @@ UNKNOWN_TOKEN = "<|unknown id {}|>"
 """How a model's ``to_str_tokens`` shows an id its tokenizer has no text for (an id below
 ``d_vocab`` but outside the tokenizer's vocabulary), instead of dropping it."""
 
-# Files a Hugging Face tokenizer may leave in a folder that its loader would read together with
-# tokenizer.json: save_tokenizer removes those a previous tokenizer left and the new one did not
-# write, so a re-saved folder never mixes two tokenizers' settings.
-_HF_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "vocab.txt",
     "tokenizer.model",
 )
+"""Files a Hugging Face tokenizer may leave in a folder, which its loader reads together with
+``tokenizer.json``. :func:`save_tokenizer` removes those a previous tokenizer left and the new one
+did not write, so a re-saved folder never mixes two tokenizers' settings; a folder saved for a
+model without a tokenizer should hold none of them."""
 
 _BOS_CANDIDATES = (BYTE_BOS, "<|endoftext|>", "<s>", "[BOS]", "<bos>", "<|begin_of_text|>")
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "[EOS]", "<eos>", "<|eos|>", "<|end_of_text|>")
@@ -232,7 +233,7 @@ def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> Path:
             atomic_write(folder / name, lambda tmp, n=name: shutil.copyfile(staging / n, tmp))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name in _HF_TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if name not in written and (folder / name).is_file():
             (folder / name).unlink()
     if TOKENIZER_FILE not in written:
@@ -343,6 +344,7 @@ __all__ = [
     "BYTE_BOS",
     "TOKENIZER_CONFIG_FILE",
     "TOKENIZER_FILE",
+    "TOKENIZER_FILES",
     "TokenizerError",
     "TokenizerNotFoundError",
     "UNKNOWN_TOKEN",
