@@ -219,6 +219,9 @@ def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> Path:
     Raises:
         NotADirectoryError: ``directory`` exists and is not a folder.
         TypeError: ``tokenizer`` is not a tokenizer.
+        UnsafeTokenizerError: the tokenizer needs code outside ``transformers`` (``auto_map``, a
+            custom class), so :func:`load_tokenizer` would refuse it; nothing is written.
+        TokenizerError: it is a slow tokenizer (no ``tokenizer.json``); nothing is written.
     """
     hf = as_hf_tokenizer(tokenizer)
     folder = Path(directory)
@@ -229,6 +232,15 @@ def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> Path:
     try:
         hf.save_pretrained(str(staging))
         written = sorted(p.name for p in staging.iterdir() if p.is_file())
+        # Nothing in the folder changes unless load_tokenizer will read the result back.
+        what = f"{type(hf).__name__} (saving to {folder})"
+        if TOKENIZER_FILE not in written:
+            raise TokenizerError(
+                f"{what} writes no {TOKENIZER_FILE}: only fast tokenizers (backed by the "
+                "tokenizers library) can be saved")
+        if TOKENIZER_CONFIG_FILE in written:
+            _tokenizer_class(staging / TOKENIZER_CONFIG_FILE,
+                             label=f"the {TOKENIZER_CONFIG_FILE} of {what}")
         for name in written:
             atomic_write(folder / name, lambda tmp, n=name: shutil.copyfile(staging / n, tmp))
     finally:
@@ -236,10 +248,6 @@ def save_tokenizer(tokenizer: Any, directory: str | os.PathLike) -> Path:
     for name in TOKENIZER_FILES:
         if name not in written and (folder / name).is_file():
             (folder / name).unlink()
-    if TOKENIZER_FILE not in written:
-        raise TokenizerError(
-            f"{type(hf).__name__}.save_pretrained wrote no {TOKENIZER_FILE} in {folder}: only fast "
-            "tokenizers (backed by the tokenizers library) can be saved")
     return folder / TOKENIZER_FILE
 
 
@@ -308,21 +316,22 @@ def read_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
         raise TokenizerError(f"{path} is not a valid tokenizer file ({e})") from None
 
 
-def _tokenizer_class(config_path: Path) -> type[PreTrainedTokenizerFast]:
+def _tokenizer_class(config_path: Path, label: str | None = None) -> type[PreTrainedTokenizerFast]:
     """The class ``tokenizer_config.json`` asks for, if it is one of transformers' fast
-    tokenizers; refuses ``auto_map`` and anything else."""
+    tokenizers; refuses ``auto_map`` and anything else. ``label`` names the file in errors
+    (default: its path)."""
+    label = label or str(config_path)
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{config_path} is not valid JSON ({e})") from None
+        raise TokenizerError(f"{label} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise TokenizerError(f"{config_path} must hold a JSON object, got "
-                             f"{type(config).__name__}")
+        raise TokenizerError(f"{label} must hold a JSON object, got {type(config).__name__}")
     if "auto_map" in config:
         raise UnsafeTokenizerError(
-            f"{config_path} has an 'auto_map' key: its tokenizer needs Python code from "
-            f"{config_path.parent}, which kvshift_lens never runs (no trust_remote_code). Remove "
-            "the key if the tokenizer is a standard one, or save the model with a plain tokenizer")
+            f"{label} has an 'auto_map' key: the tokenizer needs Python code shipped with it, "
+            "which kvshift_lens never runs (no trust_remote_code). Remove the key if the "
+            "tokenizer is a standard one, or use a tokenizer transformers ships")
     name = config.get("tokenizer_class")
     if name is None:
         return PreTrainedTokenizerFast
@@ -334,7 +343,7 @@ def _tokenizer_class(config_path: Path) -> type[PreTrainedTokenizerFast]:
             cls = None
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast)):
         raise UnsafeTokenizerError(
-            f"{config_path}: 'tokenizer_class' is {name!r}, which is not a fast tokenizer class "
+            f"{label}: 'tokenizer_class' is {name!r}, which is not a fast tokenizer class "
             "of transformers; only transformers' own fast tokenizers are loaded (no custom "
             "tokenizer code)")
     return cls

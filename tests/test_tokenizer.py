@@ -212,6 +212,17 @@ def test_failed_save_leaves_the_old_files(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_tokenizer_that_could_not_be_loaded_back_is_not_saved(tmp_path):
+    save_tokenizer(byte_level_tokenizer(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    custom = as_hf_tokenizer(bpe())
+    custom._auto_map = {"AutoTokenizer": ["evil.EvilTokenizer", None]}  # as remote code sets it
+    with pytest.raises(UnsafeTokenizerError, match="auto_map") as e:
+        save_tokenizer(custom, tmp_path)
+    assert "PreTrainedTokenizerFast" in str(e.value) or "TokenizersBackend" in str(e.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_missing_and_broken_folders(tmp_path):
     with pytest.raises(TokenizerNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
