@@ -42,7 +42,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_staged(path: Path, write: Callable[[str], None]) -> Path:
+def write_staged(path: Path, write: Callable[[str], object]) -> Path:
     """Write a temporary sibling of ``path`` with ``write(tmp_name)`` and flush it; returns the
     temporary file (rename it into place with :func:`commit_staged`). On any error the temporary
     file is removed and the error re-raised."""
@@ -69,14 +69,17 @@ def discard_staged(staged: dict[Path, Path]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write ``path`` through ``write(tmp_name)`` atomically (see the module docstring)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Write ``path`` through ``write(tmp_name)`` atomically (see the module docstring); its
+    folder must exist. Returns ``path``."""
     path = Path(path)
     commit_staged({path: write_staged(path, write)})
+    return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -1,8 +1,8 @@
 """Checkpoints: a folder with ``config.json`` and ``model.safetensors`` (never pickle).
 
-``config.json`` = ``{"format": "kvshift_lens", "format_version": 1, "weights_sha256": ..., "config":
-{...}}``. A tokenizer, when the model has one, goes beside them (``tokenizer.json``, or a Hugging
-Face tokenizer's own files).
+``config.json`` = ``{"format": "kvshift_lens", "format_version": 1, "weights_sha256": ...,
+"tokenizer_files": {name: sha256}, "config": {...}}``. A tokenizer, when the model has one, goes
+beside them (``tokenizer.json`` and ``tokenizer_config.json``, as Hugging Face writes them).
 
 Guarantees:
 
@@ -10,8 +10,8 @@ Guarantees:
   when all of them are written are they renamed into place, the config last. A save that fails
   part-way (a full disk, an exception) leaves the previous checkpoint untouched and no temporary
   file behind.
-- **Checked**: ``weights_sha256`` is the SHA-256 of ``model.safetensors`` as written. Loading
-  verifies it, so a bit flip, a truncated copy or a save killed between two renames is refused
+- **Checked**: ``weights_sha256`` is the SHA-256 of ``model.safetensors`` as written (and
+  ``tokenizer_files`` those of the tokenizer's files). Loading verifies them, so a bit flip, a truncated copy or a save killed between two renames is refused
   with :class:`CheckpointError` instead of loading wrong numbers; so are weights holding NaN or
   inf (``allow_nonfinite=True`` loads them anyway, for forensics), tensors whose names, shapes or
   dtypes do not match the config, and folders whose tokenizer would run code.
@@ -42,7 +42,7 @@ from kvshift_lens._files import (
     write_staged,
 )
 from kvshift_lens.config import KVShiftConfig
-from kvshift_lens.tokenizer import load_tokenizer, save_tokenizer
+from kvshift_lens.tokenizer import TOKENIZER_FILES, load_tokenizer, save_tokenizer
 
 FORMAT = "kvshift_lens"
 FORMAT_VERSION = 1
@@ -60,8 +60,9 @@ class CheckpointError(ValueError):
 
 
 def _stage_tokenizer(tokenizer: Any, out: Path) -> dict[Path, Path]:
-    """Write the tokenizer's files into a scratch folder inside ``out``, then move each beside
-    its target under a temporary name: ``{target: staged temporary file}``."""
+    """Write the tokenizer's files (:func:`~kvshift_lens.tokenizer.save_tokenizer`) into a
+    scratch folder inside ``out``, then move each beside its target under a temporary name:
+    ``{target: staged temporary file}``."""
     scratch = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer.", suffix=".tmp"))
     staged: dict[Path, Path] = {}
     try:
@@ -103,14 +104,20 @@ def save_checkpoint_files(
             tensors, p, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)}))
         staged[out / WEIGHTS_FILE] = weights
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "weights_sha256": sha256_file(weights), "config": config.to_dict()}
+                "weights_sha256": sha256_file(weights),
+                "tokenizer_files": {t.name: sha256_file(tmp) for t, tmp in staged.items()
+                                    if t.name in TOKENIZER_FILES},
+                "config": config.to_dict()}
         text = json.dumps(meta, indent=2, sort_keys=True)
         staged[out / CONFIG_FILE] = write_staged(
             out / CONFIG_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
     except BaseException:
         discard_staged(staged)
         raise
-    commit_staged(staged)  # the config (and its checksum) last
+    commit_staged(staged)  # the config (and its checksums) last
+    for name in TOKENIZER_FILES:  # a previous tokenizer's files this save did not write
+        if out / name not in staged:
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -189,11 +196,27 @@ def read_checkpoint(
         raise CheckpointError(
             f"{weights}: tensor {bad[0]} holds {bad[1]} non-finite value(s) (NaN/inf); refusing "
             "to load it (allow_nonfinite=True loads it anyway, for inspection)")
+    return cfg, state, _read_tokenizer(folder, meta)
+
+
+def _read_tokenizer(folder: Path, meta: Mapping[str, Any]) -> Any:
+    """The checkpoint's tokenizer: the files its config lists, checked against their checksums
+    (older checkpoints list none: whatever tokenizer the folder holds); never code."""
+    listed = meta.get("tokenizer_files")
+    if isinstance(listed, Mapping):
+        if not listed:
+            return None
+        for name, digest in listed.items():
+            path = folder / str(name)
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing (listed in {folder / CONFIG_FILE})")
+            if sha256_file(path) != digest:
+                raise CheckpointError(f"{path} does not match the checksum in "
+                                      f"{folder / CONFIG_FILE}")
     try:
-        tokenizer = load_tokenizer(folder)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(str(e)) from None
-    return cfg, state, tokenizer
+        return load_tokenizer(folder, missing_ok=True)
+    except (ValueError, OSError) as e:  # TokenizerError and friends: one line, naming the file
+        raise CheckpointError(f"{folder}: {e}") from None
 
 
 def check_state_dict(

@@ -85,7 +85,9 @@ class KVShiftConfig(TransformerLensConfig):
     parallel_attn_mlp: bool = False
     init_range: float = 0.02
     tokenizer_name: str | None = None
-    default_prepend_bos: bool = False
+    # As in TransformerLens: text given to to_tokens / forward / generate starts with the
+    # tokenizer's BOS token unless prepend_bos=False (skipped for a tokenizer without one).
+    default_prepend_bos: bool = True
 
     shift_k: bool = True
     shift_v: bool = True

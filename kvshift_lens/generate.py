@@ -79,4 +79,8 @@ def generate(
         step_input = nxt[:, None]
         if eos_token_id is not None and bool(finished.all()):
             break
-    return model.to_string(out[0]) if text_input else out
+    if not text_input:
+        return out
+    # As TransformerLens: the BOS token to_tokens put before the prompt is not part of the text.
+    skip = 1 if model._resolve_prepend_bos(prepend_bos) else 0
+    return model.to_string(out[0, skip:])

@@ -9,11 +9,13 @@ Axis vocabulary: batch, pos, head, kv_head, lag, d_model, d_head, d_mlp, d_vocab
 from __future__ import annotations
 
 import logging
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -22,6 +24,7 @@ from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.utilities import Slice
+from transformers import PreTrainedTokenizerBase
 
 from kvshift_lens import generate as generation
 from kvshift_lens.checkpoint import check_state_dict, read_checkpoint, save_checkpoint_files
@@ -30,7 +33,7 @@ from kvshift_lens.components.attention import LayerKVCache
 from kvshift_lens.config import KVShiftConfig
 from kvshift_lens.processing import fold_layer_norm
 from kvshift_lens.shift import init_coefficients, project_to_simplex
-from kvshift_lens.tokenizer import TokenizerAdapter
+from kvshift_lens.tokenizer import UNKNOWN_TOKEN, as_hf_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +125,10 @@ class HookedKVShiftTransformer(HookedRootModule):
 
     Args:
         cfg: the model config (a :class:`KVShiftConfig` or a dict of its fields).
-        tokenizer: optional ``tokenizers.Tokenizer`` or ``transformers`` tokenizer; models on
-            integer tokens need none.
+        tokenizer: optional ``tokenizers.Tokenizer`` (held as ``model.tokenizer`` wrapped in
+            ``transformers.PreTrainedTokenizerFast``, see
+            :func:`~kvshift_lens.tokenizer.as_hf_tokenizer`) or ``transformers`` tokenizer (held
+            as it is); models on integer tokens need none.
         generator: a ``torch.Generator`` for the initial weights (None: torch's global RNG).
     """
 
@@ -139,11 +144,12 @@ class HookedKVShiftTransformer(HookedRootModule):
         if not isinstance(cfg, KVShiftConfig):
             raise TypeError(f"cfg must be a KVShiftConfig or dict, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self._tok = None if tokenizer is None else TokenizerAdapter(tokenizer)
-        if self._tok is not None and self._tok.vocab_size > cfg.d_vocab:
+        # Always a Hugging Face tokenizer (a raw tokenizers.Tokenizer is wrapped), as
+        # TransformerLens code reading model.tokenizer expects.
+        self.tokenizer = None if tokenizer is None else as_hf_tokenizer(tokenizer)
+        if self.tokenizer is not None and len(self.tokenizer) > cfg.d_vocab:
             raise ValueError(
-                f"tokenizer has {self._tok.vocab_size} tokens but d_vocab={cfg.d_vocab}; "
+                f"tokenizer has {len(self.tokenizer)} tokens but d_vocab={cfg.d_vocab}; "
                 "set d_vocab >= the tokenizer's vocabulary size"
             )
 
@@ -325,71 +331,255 @@ class HookedKVShiftTransformer(HookedRootModule):
             )
 
     # ------------------------------------------------------------------ tokens
-    def _require_tokenizer(self) -> TokenizerAdapter:
-        if self._tok is None:
+    # As TransformerLens' HookedTransformer: text goes through model.tokenizer (a Hugging Face
+    # tokenizer), cfg.default_prepend_bos decides whether a BOS token goes first.
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
             raise ValueError(
                 "this model has no tokenizer: pass token ids (a LongTensor), or build the model "
                 "with tokenizer=... (e.g. kvshift_lens.byte_level_tokenizer())"
             )
-        return self._tok
+        return self.tokenizer
+
+    def _resolve_prepend_bos(self, prepend_bos: bool | None) -> bool:
+        """Whether :meth:`to_tokens` puts a BOS token first: ``prepend_bos``, or when None
+        ``cfg.default_prepend_bos`` if the tokenizer has a BOS token (a tokenizer without one
+        gets none by default; an explicit True then raises)."""
+        tok = self._require_tokenizer()
+        if prepend_bos is None:
+            return bool(self.cfg.default_prepend_bos) and tok.bos_token_id is not None
+        if not isinstance(prepend_bos, bool):
+            raise TypeError(f"prepend_bos must be True, False or None, got {prepend_bos!r}")
+        if prepend_bos and tok.bos_token_id is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no BOS token "
+                             "(bos_token_id is None); pass prepend_bos=False")
+        return prepend_bos
 
     def to_tokens(
         self,
         input: str | list[str] | Tensor,
         prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] = "right",
+        padding_side: Literal["left", "right"] | None = None,
         move_to_device: bool = True,
         truncate: bool = True,
     ) -> Int[Tensor, "batch pos"]:
-        """Text to ``[batch, pos]`` token ids on ``cfg.device`` (tensors pass through, checked).
+        """Text to token ids, as TransformerLens' ``to_tokens``.
 
-        Strings of different lengths are padded on ``padding_side`` with the pad token (or BOS,
-        or 0); ``truncate`` cuts to ``n_ctx``.
+        Args:
+            input: a string or a list of strings (token ids pass through, checked, on
+                ``cfg.device``).
+            prepend_bos: put the tokenizer's BOS token first. None: ``cfg.default_prepend_bos``
+                (True unless the config says otherwise, as in TransformerLens), skipped for a
+                tokenizer without a BOS token.
+            padding_side: where strings shorter than the longest are padded, "left" or "right",
+                with the pad token (else BOS, else 0). None: the tokenizer's ``padding_side``.
+            move_to_device: put the result on ``cfg.device`` (else the CPU).
+            truncate: cut every row to ``n_ctx`` tokens.
+
+        Returns:
+            int64 ids ``[batch, pos]``.
         """
         if isinstance(input, Tensor):
             return self._check_tokens(input)
         tok = self._require_tokenizer()
-        texts = [input] if isinstance(input, str) else list(input)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("to_tokens takes a string, a list of strings or a tensor of ids")
-        bos = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        rows = []
-        for text in texts:
-            ids = tok.encode(text)
-            if bos:
-                if tok.bos_token_id is None:
-                    raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
-                ids = [tok.bos_token_id] + ids
-            rows.append(ids[: self.cfg.n_ctx] if truncate else ids)
+        texts = [input] if isinstance(input, str) else input
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("to_tokens takes a string, a non-empty list of strings or a tensor of "
+                            f"ids, got {type(input).__name__}")
+        side = tok.padding_side if padding_side is None else padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = [list(r) for r in tok(texts, add_special_tokens=False)["input_ids"]]
+        if self._resolve_prepend_bos(prepend_bos):
+            rows = [[tok.bos_token_id, *r] for r in rows]
+        if truncate:
+            rows = [r[: self.cfg.n_ctx] for r in rows]
         width = max(len(r) for r in rows)
         if width == 0:
             raise ValueError("input text encodes to zero tokens")
         pad = next((p for p in (tok.pad_token_id, tok.bos_token_id) if p is not None), 0)
         padded = [
-            ([pad] * (width - len(r)) + r) if padding_side == "left" else (r + [pad] * (width - len(r)))
+            ([pad] * (width - len(r)) + r) if side == "left" else (r + [pad] * (width - len(r)))
             for r in rows
         ]
         out = torch.tensor(padded, dtype=torch.long)
         return out.to(self.cfg.device) if move_to_device else out
 
-    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
-        tok = self._require_tokenizer()
-        t = torch.as_tensor(tokens)
-        if t.ndim <= 1:
-            return tok.decode(t.reshape(-1).tolist())
-        return [tok.decode(row.tolist()) for row in t]
+    def _token_ids(self, tokens: Any) -> Tensor:
+        """Token ids as an int64 CPU tensor (from a tensor, a numpy array or a list)."""
+        t = torch.as_tensor(tokens).detach().cpu()
+        if t.numel() == 0:
+            return t.long()
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, got dtype {t.dtype}")
+        return t.long()
 
-    def to_str_tokens(self, input: str | Tensor, prepend_bos: bool | None = None) -> list[str]:
+    def _undecodable(self, ids: Tensor) -> list[int]:
+        """The ids among ``ids`` that the tokenizer has no text for (outside its vocabulary,
+        which can be smaller than d_vocab, or negative), sorted; Hugging Face's decode would
+        silently drop them."""
         tok = self._require_tokenizer()
-        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(input, str) else (
-            torch.as_tensor(input).reshape(-1))
-        return [tok.token_str(int(i)) for i in tokens.reshape(-1)]
+        unique = torch.unique(ids).tolist()
+        n = len(tok)
+        inside = [i for i in unique if 0 <= i < n]
+        bad = [i for i in unique if not 0 <= i < n]
+        bad += [i for i, s in zip(inside, tok.convert_ids_to_tokens(inside)) if s is None]
+        return sorted(bad)
+
+    def to_string(
+        self, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"] | list[int] | Any
+    ) -> str | list[str]:
+        """Token ids to text, as TransformerLens' ``to_string``: ``[pos]`` ids (a 1-D or 0-d
+        tensor, a list, a numpy array) give a string, ``[batch, pos]`` a list of strings. Special
+        tokens (BOS) are kept as their text.
+
+        An id the tokenizer has no text for (below ``d_vocab`` but outside the tokenizer's
+        vocabulary, or negative), which Hugging Face's ``decode`` would silently drop, is written
+        as ``"<|unknown id N|>"`` (:data:`kvshift_lens.tokenizer.UNKNOWN_TOKEN`) in its place; the
+        ids around it are decoded as usual.
+        """
+        t = self._token_ids(tokens)
+        if t.ndim > 2:
+            raise ValueError(f"to_string takes ids [pos] or [batch, pos], got shape "
+                             f"{tuple(t.shape)}")
+        bad = set(self._undecodable(t))
+        if t.ndim == 2:
+            return [self._decode(row, bad) for row in t.tolist()]
+        return self._decode(t.reshape(-1).tolist(), bad)
+
+    def _decode(self, ids: list[int], bad: set[int]) -> str:
+        """Decode ids, writing UNKNOWN_TOKEN for those in ``bad`` and decoding each run of other
+        ids in one piece (a character split over several byte tokens stays whole)."""
+        tok = self._require_tokenizer()
+        if not bad:
+            return tok.decode(ids, clean_up_tokenization_spaces=False)
+        out, run = [], []
+        for i in [*ids, None]:
+            if i is None or i in bad:
+                if run:
+                    out.append(tok.decode(run, clean_up_tokenization_spaces=False))
+                    run = []
+                if i is not None:
+                    out.append(UNKNOWN_TOKEN.format(i))
+            else:
+                run.append(i)
+        return "".join(out)
+
+    def to_str_tokens(
+        self,
+        input: str | list | Tensor | Any,
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> list[str] | list[list[str]]:
+        """Each token as a string, as TransformerLens' ``to_str_tokens``.
+
+        Args:
+            input: a string (tokenized by :meth:`to_tokens` with ``prepend_bos`` and
+                ``padding_side``); token ids ``[pos]`` or ``[1, pos]`` (a tensor, a numpy array, a
+                list of ints; a 0-d tensor is one token); or a list of strings or of id sequences,
+                which gives a list of lists.
+            prepend_bos, padding_side: as in :meth:`to_tokens`, for strings only.
+
+        Returns:
+            One string per token (special tokens as their text), or a list of such lists. An id
+            the tokenizer has no text for (below ``d_vocab`` but outside the tokenizer's
+            vocabulary) is shown as ``"<|unknown id N|>"``
+            (:data:`kvshift_lens.tokenizer.UNKNOWN_TOKEN`), never dropped.
+
+        Raises:
+            ValueError: ids of several sequences in one tensor.
+        """
+        if isinstance(input, list) and input and (
+            all(isinstance(x, str) for x in input)
+            or all(isinstance(x, (list, tuple, Tensor, np.ndarray)) for x in input)
+        ):
+            return [self.to_str_tokens(x, prepend_bos, padding_side) for x in input]
+        tok = self._require_tokenizer()
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side,
+                                 move_to_device=False)[0]
+        else:
+            ids = self._token_ids(input).squeeze()
+            if ids.ndim == 0:
+                ids = ids[None]
+            if ids.ndim != 1:
+                raise ValueError(
+                    f"to_str_tokens takes one sequence of ids ([pos] or [1, pos]), got shape "
+                    f"{tuple(self._token_ids(input).shape)}; pass a list of sequences for several")
+        ids_list = ids.tolist()
+        bad = set(self._undecodable(ids))
+        strs = tok.batch_decode([[i] for i in ids_list if i not in bad],
+                                clean_up_tokenization_spaces=False)
+        decoded = iter(strs)
+        return [UNKNOWN_TOKEN.format(i) if i in bad else next(decoded) for i in ids_list]
 
     def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (no BOS). Raises ValueError otherwise."""
         tokens = self.to_tokens(string, prepend_bos=False).reshape(-1)
         if tokens.numel() != 1:
             raise ValueError(f"{string!r} is {tokens.numel()} tokens, not one")
         return int(tokens.item())
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The string of one token id (an int, a numpy integer or a one-element tensor)."""
+        if isinstance(int_token, bool):
+            raise TypeError("to_single_str_token takes a token id (an int), got a bool")
+        try:
+            index = operator.index(int_token)
+        except TypeError:
+            raise TypeError(
+                f"to_single_str_token takes a token id (an int), got {type(int_token).__name__}"
+            ) from None
+        return self.to_str_tokens(torch.tensor([index]))[0]
+
+    def get_token_position(
+        self,
+        single_token: str | int | Tensor,
+        input: str | Int[Tensor, " pos"] | Int[Tensor, "1 pos"],
+        mode: Literal["first", "last"] = "first",
+        prepend_bos: bool | None = None,
+        padding_side: Literal["left", "right"] | None = None,
+    ) -> int:
+        """The position of a token in a string or a sequence of ids, as TransformerLens'
+        ``get_token_position``.
+
+        Args:
+            single_token: the token: its id, or a string that is exactly one token.
+            input: a string (tokenized by :meth:`to_tokens`: with the default ``prepend_bos``
+                the BOS token is position 0) or ids ``[pos]`` / ``[1, pos]``.
+            mode: "first" or "last" occurrence.
+            prepend_bos, padding_side: as in :meth:`to_tokens`, for a string ``input``.
+
+        Returns:
+            The position (an int).
+
+        Raises:
+            ValueError: the token does not occur, ``mode`` is not "first"/"last", ``input`` holds
+                several sequences, or ``single_token`` is a string of several tokens.
+        """
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side,
+                                    move_to_device=False)
+        else:
+            tokens = self._token_ids(input)
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1:
+            raise ValueError(f"input must be a string or ids [pos] or [1, pos], got shape "
+                             f"{tuple(tokens.shape)}")
+        if isinstance(single_token, str):
+            token = self.to_single_token(single_token)
+        else:
+            t = self._token_ids(single_token)
+            if t.numel() != 1:
+                raise ValueError(f"single_token must be one token id, got shape {tuple(t.shape)}")
+            token = int(t.item())
+        hits = (tokens == token).nonzero().flatten()
+        if hits.numel() == 0:
+            raise ValueError(f"token {single_token!r} (id {token}) does not occur in the input")
+        return int(hits[0] if mode == "first" else hits[-1])
 
     def tokens_to_residual_directions(
         self, tokens: str | int | Tensor

@@ -40,7 +40,7 @@ def test_tokenizer_travels_with_checkpoint(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = HookedKVShiftTransformer.from_pretrained(tmp_path, device="cpu")
     assert torch.equal(loaded.to_tokens("héllo"), model.to_tokens("héllo"))
-    assert loaded.to_string(loaded.to_tokens("héllo")[0]) == "héllo"
+    assert loaded.to_string(loaded.to_tokens("héllo")[0]) == "<|bos|>héllo"  # BOS first, as in TL
 
 
 def _saved(tmp_path):

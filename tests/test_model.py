@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,3 +248,111 @@ def test_fused_norm_path_equals_hooked_path(norm):
     logits, cache = model.run_with_cache(tokens)  # every hook on: explicit norms and attention
     assert "blocks.0.ln1.hook_scale" in cache
     assert_close(model(tokens), logits, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ tokens (TransformerLens API)
+
+
+def _byte_model(**overrides) -> HookedKVShiftTransformer:
+    from kvshift_lens import byte_level_tokenizer
+
+    return HookedKVShiftTransformer(tiny_config(d_vocab=300, n_ctx=16, **overrides),
+                                    tokenizer=byte_level_tokenizer())
+
+
+def test_to_tokens_prepends_bos_by_default_as_transformer_lens():
+    model = _byte_model()
+    assert model.cfg.default_prepend_bos is True
+    assert model.to_tokens("hé").tolist() == [[256, 104, 195, 169]]
+    assert model.to_tokens("hé", prepend_bos=False).tolist() == [[104, 195, 169]]
+    off = _byte_model(default_prepend_bos=False)
+    assert off.to_tokens("hé").tolist() == [[104, 195, 169]]
+    assert off.to_tokens("hé", prepend_bos=True).tolist() == [[256, 104, 195, 169]]
+    # padding with the pad token (<|bos|> for the byte tokenizer), on the tokenizer's side
+    assert model.to_tokens(["a", "bc"]).tolist() == [[256, 97, 256], [256, 98, 99]]
+    assert model.to_tokens(["a", "bc"], padding_side="left").tolist() == [[256, 256, 97],
+                                                                          [256, 98, 99]]
+    model.tokenizer.padding_side = "left"
+    assert model.to_tokens(["a", "bc"])[0].tolist() == [256, 256, 97]
+    assert model.to_tokens("x" * 40).shape == (1, 16)  # truncated to n_ctx
+    assert model.to_tokens("x" * 40, truncate=False).shape == (1, 41)
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        model.to_tokens(["a"], padding_side="middle")
+    with pytest.raises(TypeError, match="non-empty list of strings"):
+        model.to_tokens([])
+
+
+def test_tokenizer_without_bos_gets_none_by_default():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    raw = Tokenizer(models.WordLevel(vocab={"a": 0, "b": 1}, unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model = HookedKVShiftTransformer(tiny_config(d_vocab=2), tokenizer=raw)
+    assert model.tokenizer.bos_token_id is None
+    assert model.to_tokens("a b").tolist() == [[0, 1]]
+    with pytest.raises(ValueError, match="no BOS token"):
+        model.to_tokens("a b", prepend_bos=True)
+
+
+def test_to_string_as_transformer_lens_and_undecodable_ids_are_marked():
+    model = _byte_model()
+    assert model.to_string(torch.tensor([104, 105])) == "hi"
+    assert model.to_string(torch.tensor(104)) == "h"  # a 0-d tensor (TL's test_prompt does this)
+    assert model.to_string([256, 104]) == "<|bos|>h"
+    assert model.to_string(torch.tensor([[104], [105]])) == ["h", "i"]
+    text = "é , ö ."  # no clean-up of the space before punctuation
+    assert model.to_string(model.to_tokens(text, prepend_bos=False)[0]) == text
+    # ids the tokenizer has no text for are marked in place, never dropped; the bytes of "é"
+    # (195, 169) on either side of them still decode together
+    assert (model.to_string(torch.tensor([104, 299, 195, 169, 257, 105]))
+            == "h<|unknown id 299|>é<|unknown id 257|>i")
+    assert model.to_string([-1, 104]) == "<|unknown id -1|>h"
+    assert model.to_string(torch.tensor([[299], [104]])) == ["<|unknown id 299|>", "h"]
+    with pytest.raises(ValueError, match="shape"):
+        model.to_string(torch.zeros(1, 1, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match="integers"):
+        model.to_string(torch.tensor([1.0]))
+
+
+def test_to_str_tokens_as_transformer_lens():
+    model = _byte_model()
+    assert model.to_str_tokens("hi") == ["<|bos|>", "h", "i"]
+    assert model.to_str_tokens("hi", prepend_bos=False) == ["h", "i"]
+    assert model.to_str_tokens(["a", "bc"]) == [["<|bos|>", "a"], ["<|bos|>", "b", "c"]]
+    assert model.to_str_tokens(torch.tensor([104, 105])) == ["h", "i"]
+    assert model.to_str_tokens(torch.tensor([[104, 105]])) == ["h", "i"]
+    assert model.to_str_tokens(torch.tensor(104)) == ["h"]
+    assert model.to_str_tokens(np.array([104])) == ["h"]
+    assert model.to_str_tokens([104, 105]) == ["h", "i"]
+    assert model.to_str_tokens([torch.tensor([104]), [105, 106]]) == [["h"], ["i", "j"]]
+    # ids the tokenizer has no text for are marked, one string per position, never dropped
+    assert model.to_str_tokens(torch.tensor([104, 299, 105])) == ["h", "<|unknown id 299|>", "i"]
+    with pytest.raises(ValueError, match=r"one sequence of ids.*\(2, 2\)"):
+        model.to_str_tokens(torch.tensor([[104, 105], [106, 107]]))
+    assert model.to_single_str_token(104) == "h"
+    assert model.to_single_str_token(np.int64(256)) == "<|bos|>"
+    with pytest.raises(TypeError, match="token id"):
+        model.to_single_str_token("h")
+    with pytest.raises(TypeError, match="bool"):
+        model.to_single_str_token(True)
+
+
+def test_get_token_position_as_transformer_lens():
+    model = _byte_model()
+    text = "abcab"
+    # with the default BOS the string's first character is position 1
+    assert model.get_token_position("a", text) == 1
+    assert model.get_token_position("a", text, mode="last") == 4
+    assert model.get_token_position("b", text, prepend_bos=False) == 1
+    assert model.get_token_position(99, text, mode="last") == 3  # "c" by id
+    ids = model.to_tokens(text)
+    assert model.get_token_position(torch.tensor(98), ids, mode="last") == 5  # [1, pos] works
+    assert model.get_token_position("b", ids[0]) == 2
+    with pytest.raises(ValueError, match="'z' .id 122. does not occur"):
+        model.get_token_position("z", text)
+    with pytest.raises(ValueError, match="mode must be 'first' or 'last'"):
+        model.get_token_position("a", text, mode="middle")
+    with pytest.raises(ValueError, match="shape"):
+        model.get_token_position("a", torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 tokens, not one"):
+        model.get_token_position("ab", text)

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils.data import Dataset
-from transformer_lens import patching
+from transformer_lens import evals, patching
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.head_detector import detect_head
 from transformer_lens.tools.training import TrainConfig, train
-from transformer_lens.utilities import get_act_name, move_to_and_update_config
+from transformer_lens.utilities import exploratory_utils, get_act_name, move_to_and_update_config
 from transformer_lens.weight_processing import ProcessWeights
 
 from kvshift_lens import HookedKVShiftTransformer, byte_level_tokenizer
@@ -703,3 +703,75 @@ def test_cfg_device_and_dtype_follow_to():
     assert model.cfg.device == "cpu"
     model.double()
     assert model.cfg.dtype == torch.float64
+
+
+# ================================================================== 9. evals and exploratory helpers
+
+SUBSEQ = 8
+
+
+def _text_model(tokenizer, d_vocab: int) -> HookedKVShiftTransformer:
+    cfg = tiny_config(d_model=16, d_head=4, n_layers=2, n_ctx=2 * SUBSEQ, d_vocab=d_vocab, d_mlp=24)
+    model = HookedKVShiftTransformer(cfg, tokenizer=tokenizer,
+                                     generator=torch.Generator().manual_seed(0))
+    randomize(model, seed=3)
+    return model.eval()
+
+
+def _bpe():
+    from kvshift_lens.data.text import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(["the cat sat on the mat and the dog sat on the log\n"] * 20,
+                               vocab_size=300)
+
+
+@pytest.mark.parametrize("make_tokenizer", [byte_level_tokenizer, _bpe], ids=["byte", "bpe"])
+def test_induction_loss_runs_unchanged(make_tokenizer):
+    """``transformer_lens.evals.induction_loss`` reads ``model.tokenizer.bos_token_id`` and
+    ``cfg.default_prepend_bos``; its number equals the loss written out here on the same random
+    tokens (ids in [100, 20000), so d_vocab covers them and the tokenizer is smaller)."""
+    raw = make_tokenizer()
+    bos = raw.token_to_id("<|bos|>")  # 256 for bytes, 0 for the BPE
+    model = _text_model(raw, d_vocab=20000)
+
+    def run(seed: int, **kwargs) -> torch.Tensor:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(seed)
+            return evals.induction_loss(model, batch_size=3, subseq_len=SUBSEQ, device="cpu",
+                                        **kwargs)
+
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        half = torch.randint(100, 20000, (3, SUBSEQ))
+    tokens = torch.cat([half, half], dim=1)
+
+    def reference(tokens: torch.Tensor) -> torch.Tensor:
+        """Mean loss on the second copy's tokens from its third on (t = SUBSEQ+2 .. 2*SUBSEQ-1),
+        each predicted from the logits one position earlier."""
+        with torch.no_grad():
+            logp = F.log_softmax(model(tokens), dim=-1)
+        losses = [-logp[b, t - 1, tokens[b, t]] for b in range(3)
+                  for t in range(SUBSEQ + 2, 2 * SUBSEQ)]
+        return torch.stack(losses).mean()
+
+    with_bos = tokens.clone()
+    with_bos[:, 0] = bos
+    got = run(11)
+    assert_close(got, reference(with_bos), atol=1e-5, rtol=1e-5)
+    assert_close(run(11, prepend_bos=False), reference(tokens), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, run(11, prepend_bos=False))  # the BOS really went in
+
+
+def test_test_prompt_runs_unchanged(capsys):
+    """TransformerLens' ``test_prompt`` (to_tokens, to_str_tokens, to_string of a 0-d tensor):
+    its tokenized prompt is ours and its answer rank is the rank computed here."""
+    model = _text_model(byte_level_tokenizer(), d_vocab=257)
+    exploratory_utils.test_prompt("abcab", "c", model, prepend_space_to_answer=False, top_k=3)
+    out = capsys.readouterr().out
+    assert "Tokenized prompt: ['<|bos|>', 'a', 'b', 'c', 'a', 'b']" in out
+    with torch.no_grad():
+        probs = model(torch.tensor([[256, 97, 98, 99, 97, 98]]))[0, -1].softmax(-1)
+    rank = int((probs > probs[99]).sum())
+    assert f"Ranks of the answer tokens: [('c', {rank})]" in " ".join(out.split())
+    top = int(probs.argmax())
+    assert f"Token: |{model.to_string(torch.tensor(top))}|" in out

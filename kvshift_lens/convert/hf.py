@@ -50,11 +50,16 @@ def supported_model_types() -> list[str]:
 
 
 def load_hf_model(name: str, **from_pretrained_kwargs: Any) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(name)``, with a clear error when it cannot be had."""
+    """``AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False)``, with a clear error
+    when it cannot be had. Code shipped with a model (``auto_map``) is never run."""
     from transformers import AutoModelForCausalLM
 
+    if from_pretrained_kwargs.pop("trust_remote_code", False):
+        raise ValueError("trust_remote_code=True is not supported: kvshift_lens never runs code "
+                         f"shipped with a model ({name!r}); convert a model transformers ships")
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **from_pretrained_kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=False,
+                                                    **from_pretrained_kwargs)
     except OSError as e:
         raise ModelNotAvailableError(
             f"could not load the Hugging Face model {name!r}: it is not a local folder and could not "
@@ -85,7 +90,7 @@ def _load_tokenizer(name: str) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except Exception as e:  # a model without a usable tokenizer still converts
         logger.warning("no tokenizer loaded for %r (%s); pass tokenizer=... to carry one over", name, e)
         return None

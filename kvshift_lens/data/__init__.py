@@ -45,9 +45,16 @@ __all__ = [
 
 # Text corpora (:mod:`.text`): the embedded stdlib corpus, local files, a document-level
 # train/validation split, byte-level and locally trained BPE tokenizers, and TextTask.
+# (load_tokenizer / save_tokenizer are kvshift_lens.tokenizer's, re-exported.)
 from kvshift_lens.data.text import (  # noqa: E402
+    DEFAULT_CHUNK_CHARS,
+    CorpusDependencyError,
+    CorpusError,
+    CorpusNotFoundError,
+    CorpusUnavailableError,
     Document,
     TextTask,
+    chunk_documents,
     encode_documents,
     is_validation,
     load_corpus,
@@ -63,8 +70,14 @@ from kvshift_lens.data.text import (  # noqa: E402
 )
 
 __all__ += [
+    "DEFAULT_CHUNK_CHARS",
+    "CorpusDependencyError",
+    "CorpusError",
+    "CorpusNotFoundError",
+    "CorpusUnavailableError",
     "Document",
     "TextTask",
+    "chunk_documents",
     "encode_documents",
     "is_validation",
     "load_corpus",

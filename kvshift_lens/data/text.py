@@ -19,8 +19,9 @@ Corpus sources (:func:`load_documents`, :func:`load_corpus`):
   it varies across Python versions, as modules change, are added and are removed (``distutils``,
   49 of the files above, is gone from 3.12 on), and slightly across platforms, so compare losses
   only between runs on the same Python version. Pass ``max_files``/``max_bytes`` to use part of it.
-- a path to a text file (one document), or a directory (every non-hidden regular file below it,
-  recursively, in sorted order; files that contain a NUL byte are taken for binary and skipped);
+- a path to a text file (one document, cut into chunks: see below), or a directory (every
+  non-hidden regular file below it, recursively, in sorted order; files that contain a NUL byte
+  are taken for binary and skipped);
 - a glob pattern such as ``"data/*.txt"`` or ``"data/**/*.md"`` (files only, sorted, binary files
   skipped);
 - ``"hf:NAME[:SPLIT[:COLUMN]]"``: a Hugging Face dataset by name (needs the optional ``datasets``
@@ -32,21 +33,40 @@ Files are read as UTF-8 (undecodable bytes become U+FFFD). Empty documents are d
 exact duplicates of an earlier document (the stdlib holds several identical ``__init__.py``
 files), so the same text can never land in both splits.
 
+Chunks (:func:`chunk_documents`, the ``chunk_chars`` argument): a corpus that is a single document
+(one text file, or a folder or glob with one non-empty file) is cut into pieces of at most
+:data:`DEFAULT_CHUNK_CHARS` characters, each ending at a line break where one falls in the second
+half of the piece; piece ``i`` of document ``name`` is the document ``"name#i"``. So one file is a
+corpus with both splits. Corpora of several documents are not cut unless ``chunk_chars`` is
+given (then every document longer than it is), so their document-level split is unchanged.
+``chunk_chars=0`` never cuts.
+
 Train/validation split (:func:`split_documents`): per document, by a hash of its *name* (its path
-relative to the corpus root, or its row index for Hugging Face datasets): the document is in the
-validation split when ``sha1(name)``, read as a fraction in ``[0, 1)``, is below ``val_fraction``.
-The split is deterministic, the same on every machine, and adding or removing a file moves no
-other file between the splits. Token streams are built per split from disjoint documents, so
-no window of the training stream contains a token of a validation document.
+relative to the corpus root, ``"path#i"`` for a chunk, or its row index for Hugging Face
+datasets): the document is in the validation split when ``sha1(name)``, read as a fraction in
+``[0, 1)``, is below ``val_fraction`` (:func:`is_validation`). The split is deterministic, the same
+on every machine, and adding or removing a file moves no other file between the splits, with one
+exception: when ``val_fraction > 0`` and the hash leaves one split empty although there are at
+least two documents, the document whose hash is nearest the threshold moves there (the lowest
+score into validation, or the highest into training), so a small corpus still has both splits.
+Token streams are built per split from disjoint documents, so no window of the training stream
+contains a token of a validation document (chunks of one file are disjoint pieces of text, though
+one file's style is then seen in both splits).
 
 Tokenizers: ``"byte"`` (:func:`kvshift_lens.tokenizer.byte_level_tokenizer`: 257 tokens, one per
 byte plus ``<|bos|>`` = 256) or ``"bpe"`` (:func:`train_bpe_tokenizer`, a byte-level BPE trained
-locally, on the training split only, with ``<|bos|>`` = 0). A tokenizer travels with a model: a
-:class:`~kvshift_lens.model.HookedKVShiftTransformer` built with ``tokenizer=tok`` writes
-``tokenizer.json`` beside its weights in :func:`kvshift_lens.checkpoint.save_pretrained`, and
-:func:`~kvshift_lens.checkpoint.load_pretrained` reads it back. :func:`save_tokenizer` and
-:func:`load_tokenizer` read and write that same file on their own (for example before a model
-exists).
+locally, on the training split only, with ``<|bos|>`` = 0), or a saved one (a folder, read by
+:func:`kvshift_lens.tokenizer.load_tokenizer`, or a ``tokenizer.json`` file). A tokenizer travels
+with a model: a :class:`~kvshift_lens.model.HookedKVShiftTransformer` built with ``tokenizer=tok``
+holds it as a Hugging Face tokenizer and saves it beside its weights;
+:func:`save_tokenizer` and :func:`load_tokenizer` (from :mod:`kvshift_lens.tokenizer`) write and
+read the same files on their own (for example before a model exists).
+
+Errors a user can fix are one line naming the source and what is wrong: :class:`CorpusError` (a
+``ValueError``) and its subclasses :class:`CorpusNotFoundError` (also a ``FileNotFoundError``:
+a missing path, a glob that matches no file), :class:`CorpusUnavailableError` (also an
+``OSError``: an unreadable file, a Hugging Face dataset that cannot be loaded) and
+:class:`CorpusDependencyError` (also an ``ImportError``: ``datasets`` is not installed).
 
 Nothing is cached on disk: every call reads and tokenizes the corpus again.
 """
@@ -56,6 +76,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import itertools
+import json
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
@@ -70,7 +91,6 @@ from jaxtyping import Float, Int
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
-from kvshift_lens._files import atomic_write as _atomic_write
 from kvshift_lens.data.tasks import (
     Batch,
     SyntheticTask,
@@ -78,8 +98,16 @@ from kvshift_lens.data.tasks import (
     _randint,
     _require_int,
 )
-from kvshift_lens.tokenizer import BYTE_BOS, TOKENIZER_FILE, TokenizerAdapter, byte_level_tokenizer
-from kvshift_lens.tokenizer import load_tokenizer as _load_tokenizer
+from kvshift_lens.tokenizer import (
+    BYTE_BOS,
+    TokenizerNotFoundError,
+    as_hf_tokenizer,
+    byte_level_tokenizer,
+    load_tokenizer,
+    raw_tokenizer,
+    read_tokenizer_file,
+    save_tokenizer,
+)
 
 STDLIB_EXCLUDED_DIRS = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
@@ -87,8 +115,28 @@ STDLIB_EXCLUDED_DIRS = frozenset(
 """Folder names skipped anywhere below the stdlib folder by :func:`stdlib_corpus_files`."""
 
 HF_PREFIX = "hf:"
+DEFAULT_CHUNK_CHARS = 8192
+"""Characters per piece when a single-document corpus is cut (:func:`chunk_documents`)."""
 _GLOB_CHARS = ("*", "?", "[")
 _ENCODE_CHUNK = 64  # documents per encode_batch call: bounds the memory of Encoding objects
+
+
+class CorpusError(ValueError):
+    """A corpus source cannot be used: no text in it, a bad argument, an empty split. The
+    message is one line naming the source and what is wrong."""
+
+
+class CorpusNotFoundError(FileNotFoundError, CorpusError):
+    """A corpus path does not exist, or a glob pattern matches no file."""
+
+
+class CorpusUnavailableError(OSError, CorpusError):
+    """A corpus exists but cannot be read: a file without read permission, a Hugging Face dataset
+    that cannot be loaded (no network access and no cached copy)."""
+
+
+class CorpusDependencyError(ImportError, CorpusError):
+    """A corpus source needs an optional package that is not installed."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +151,7 @@ class Document:
     Attributes:
         name: its key for the train/validation split: the path relative to the corpus root (POSIX
             separators), the file name for a single file, or the row index for a Hugging Face
-            dataset.
+            dataset; ``"name#i"`` for piece ``i`` of a document cut by :func:`chunk_documents`.
         text: its contents.
     """
 
@@ -122,7 +170,7 @@ def stdlib_corpus_files(max_files: int | None = None) -> list[Path]:
     _check_cap("max_files", max_files)
     root = stdlib_root()
     if not root.is_dir():
-        raise FileNotFoundError(f"the Python standard library folder {root} does not exist")
+        raise CorpusNotFoundError(f"the Python standard library folder {root} does not exist")
     found: list[tuple[str, Path]] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS and not d.startswith(".")]
@@ -139,6 +187,7 @@ def load_documents(
     *,
     max_files: int | None = None,
     max_bytes: int | None = None,
+    chunk_chars: int | None = None,
 ) -> list[Document]:
     """Read a corpus as named documents (see the module docstring for the sources).
 
@@ -148,21 +197,30 @@ def load_documents(
             sorted order.
         max_bytes: keep documents, in order, until their UTF-8 size reaches this many bytes; the
             document that crosses the cap is cut short and the rest are dropped.
+        chunk_chars: cut documents into pieces of at most this many characters
+            (:func:`chunk_documents`). None: cut only a corpus of a single document, at
+            :data:`DEFAULT_CHUNK_CHARS`; 0: never cut; N: cut every document longer than N.
 
     Raises:
-        FileNotFoundError: ``source`` is neither an existing path nor a glob that matches a file,
-            or the stdlib folder is missing (the message names it).
-        ValueError: the source holds no text (only empty or binary files), or a bad argument.
+        CorpusNotFoundError: ``source`` is neither an existing path nor a glob that matches a
+            file, or the stdlib folder is missing (a ``FileNotFoundError``; the message names it).
+        CorpusUnavailableError: a file cannot be read, or a Hugging Face dataset cannot be loaded
+            (an ``OSError``).
+        CorpusError: the source holds no text (only empty or binary files), or a bad argument (a
+            ``ValueError``).
     """
     _check_cap("max_files", max_files)
     _check_cap("max_bytes", max_bytes)
+    if chunk_chars is not None:
+        _check_cap("chunk_chars", chunk_chars, zero_ok=True)
     if isinstance(source, str) and source.startswith(HF_PREFIX):
         docs = _load_hf(source, max_files)
         what = f"the Hugging Face dataset {source!r}"
     elif isinstance(source, str) and source == "stdlib":
         root = stdlib_root()
         docs = (
-            Document(p.relative_to(root).as_posix(), _read_text(p))
+            Document(p.relative_to(root).as_posix(),
+                     _read_bytes(p).decode("utf-8", errors="replace"))
             for p in stdlib_corpus_files(max_files)
         )
         what = f"the standard library folder {root}"
@@ -170,8 +228,10 @@ def load_documents(
         docs, what = _load_path(source, max_files)
     out = _clean(docs, max_bytes)
     if not out:
-        raise ValueError(f"{what} holds no text (every document is empty or binary)")
-    return out
+        raise CorpusError(f"{what} holds no text (every document is empty or binary)")
+    if chunk_chars is None:
+        chunk_chars = DEFAULT_CHUNK_CHARS if len(out) == 1 else 0
+    return chunk_documents(out, chunk_chars) if chunk_chars else out
 
 
 def load_corpus(
@@ -179,20 +239,67 @@ def load_corpus(
     *,
     max_files: int | None = None,
     max_bytes: int | None = None,
+    chunk_chars: int | None = None,
 ) -> list[str]:
     """The texts of :func:`load_documents` (same arguments and errors), in order."""
-    return [d.text for d in load_documents(source, max_files=max_files, max_bytes=max_bytes)]
+    return [d.text for d in load_documents(source, max_files=max_files, max_bytes=max_bytes,
+                                           chunk_chars=chunk_chars)]
 
 
-def _check_cap(name: str, value: int | None) -> None:
+def chunk_documents(docs: Sequence[Document], chunk_chars: int) -> list[Document]:
+    """Cut every document longer than ``chunk_chars`` characters into consecutive pieces.
+
+    Each piece holds at most ``chunk_chars`` characters and ends just after the last line break
+    in the second half of that span (after exactly ``chunk_chars`` characters when the span has
+    none there), so pieces are whole lines where the text allows. Piece ``i`` of document
+    ``name`` is named ``"name#i"`` (its key for :func:`split_documents`); the pieces of a document,
+    joined, are its text. Shorter documents are kept as they are, with their names.
+
+    Args:
+        docs: the documents, in order.
+        chunk_chars: the largest piece, in characters (>= 1).
+
+    Returns:
+        The documents with long ones replaced by their pieces, in order.
+    """
+    _check_cap("chunk_chars", chunk_chars)
+    out: list[Document] = []
+    for doc in docs:
+        if len(doc.text) <= chunk_chars:
+            out.append(doc)
+            continue
+        out += [Document(f"{doc.name}#{i}", piece)
+                for i, piece in enumerate(_pieces(doc.text, chunk_chars))]
+    return out
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    pieces = []
+    start = 0
+    while len(text) - start > size:
+        newline = text.rfind("\n", start + size // 2, start + size)
+        end = newline + 1 if newline >= 0 else start + size
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _check_cap(name: str, value: int | None, zero_ok: bool = False) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    low = 0 if zero_ok else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        what = "a non-negative int" if zero_ok else "a positive int"
+        raise CorpusError(f"{name} must be {what} or None, got {value!r}")
 
 
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CorpusUnavailableError(
+            f"cannot read the corpus file {path}: {e.strerror or e}") from None
 
 
 def _is_binary(data: bytes) -> bool:
@@ -200,14 +307,18 @@ def _is_binary(data: bytes) -> bool:
 
 
 def _load_path(source: str | os.PathLike, max_files: int | None) -> tuple[Iterator[Document], str]:
+    if not isinstance(source, (str, os.PathLike)):
+        raise CorpusError(f"the corpus source must be 'stdlib', a path, a glob or 'hf:NAME', got "
+                          f"{type(source).__name__}")
     raw = os.fspath(source)
     if not raw:
-        raise ValueError("the corpus source is an empty string; give 'stdlib', a path or a glob")
+        raise CorpusError("the corpus source is an empty string; give 'stdlib', a path or a glob")
     path = Path(raw).expanduser()
     if path.is_file():
-        data = path.read_bytes()
+        data = _read_bytes(path)
         if _is_binary(data):
-            raise ValueError(f"{path} looks like a binary file (it contains NUL bytes), not text")
+            raise CorpusError(
+                f"the corpus file {path} looks like a binary file (it contains NUL bytes), not text")
         return iter([Document(path.name, data.decode("utf-8", errors="replace"))]), str(path)
     if path.is_dir():
         files = sorted(
@@ -216,19 +327,21 @@ def _load_path(source: str | os.PathLike, max_files: int | None) -> tuple[Iterat
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise ValueError(f"the directory {path} holds no files")
+            raise CorpusError(f"the corpus directory {path} holds no files")
         return _read_files(files[:max_files]), f"the directory {path}"
     if not any(c in raw for c in _GLOB_CHARS):
-        raise FileNotFoundError(
-            f"corpus source {raw!r} is not 'stdlib', an existing file or directory, a glob pattern "
-            f"or 'hf:NAME': {path} does not exist"
-        )
+        missing = next((p for p in reversed(path.parents) if not p.exists()), path)
+        raise CorpusNotFoundError(
+            f"corpus source {raw!r} does not exist ({missing} is missing); expected 'stdlib', an "
+            "existing file or directory, a glob pattern or 'hf:NAME'")
     pattern = os.path.expanduser(raw)
     matches = [Path(m) for m in glob.glob(pattern, recursive=True)]
     base = _glob_base(pattern)
     files = sorted((_relative_name(p, base), p) for p in matches if p.is_file())
     if not files:
-        raise FileNotFoundError(f"no files match the glob pattern {raw!r}")
+        raise CorpusNotFoundError(
+            f"the corpus glob pattern {raw!r} matches no file"
+            + (f" ({len(matches)} folders only)" if matches else ""))
     return _read_files(files[:max_files]), f"the files matching {raw!r}"
 
 
@@ -248,7 +361,7 @@ def _relative_name(path: Path, base: Path) -> str:
 
 def _read_files(files: Sequence[tuple[str, Path]]) -> Iterator[Document]:
     for name, path in files:
-        data = path.read_bytes()
+        data = _read_bytes(path)
         if not _is_binary(data):
             yield Document(name, data.decode("utf-8", errors="replace"))
 
@@ -280,7 +393,7 @@ def _clean(docs: Iterable[Document], max_bytes: int | None) -> list[Document]:
 def _load_hf(spec: str, max_files: int | None) -> Iterator[Document]:
     parts = spec[len(HF_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 3:
-        raise ValueError(
+        raise CorpusError(
             f"bad Hugging Face corpus {spec!r}: expected 'hf:NAME[:SPLIT[:COLUMN]]', for example "
             "'hf:roneneldan/TinyStories:train:text' or 'hf:wikitext#wikitext-2-raw-v1'"
         )
@@ -290,14 +403,14 @@ def _load_hf(spec: str, max_files: int | None) -> Iterator[Document]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(
+        raise CorpusDependencyError(
             f"loading {spec!r} needs the optional 'datasets' package (pip install datasets); "
             "without it use 'stdlib', local files or a glob"
         ) from None
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # network, cache, unknown name or split: all end up here
-        raise OSError(
+        raise CorpusUnavailableError(
             f"could not load the Hugging Face dataset {name!r}"
             f"{f' (configuration {config!r})' if config else ''}, split {split!r}: "
             f"{type(e).__name__}: {e}. Loading a dataset by name needs network access, or a copy "
@@ -306,7 +419,7 @@ def _load_hf(spec: str, max_files: int | None) -> Iterator[Document]:
         ) from e
     columns = list(getattr(ds, "column_names", None) or [])
     if column not in columns:
-        raise ValueError(
+        raise CorpusError(
             f"the Hugging Face dataset {name!r} split {split!r} has no column {column!r}; its "
             f"columns are: {', '.join(columns) or '(none)'}"
         )
@@ -327,7 +440,8 @@ def validation_score(name: str) -> float:
 
 
 def is_validation(name: str, val_fraction: float) -> bool:
-    """Whether the document called ``name`` belongs to the validation split."""
+    """Whether the hash puts the document called ``name`` in the validation split
+    (:func:`split_documents` overrides it only to keep a split from being empty)."""
     return validation_score(name) < val_fraction
 
 
@@ -337,21 +451,31 @@ def split_documents(
     """``(train, val)``: the documents split by :func:`is_validation`, each in corpus order.
 
     Every document lands in exactly one split, so the two never share a document; ``val_fraction``
-    is the expected share of documents (not of tokens) in the validation split.
+    is the expected share of documents (not of tokens) in the validation split. When
+    ``val_fraction > 0`` and there are at least two documents but the hash leaves a split empty,
+    the training document with the lowest :func:`validation_score` moves to validation (or the
+    validation document with the highest to training), so both splits are non-empty.
     """
     _check_fraction(val_fraction)
     train: list[Document] = []
     val: list[Document] = []
     for doc in docs:
         (val if is_validation(doc.name, val_fraction) else train).append(doc)
+    if val_fraction > 0 and len(docs) >= 2:
+        if not val:
+            val.append(train.pop(min(range(len(train)),
+                                     key=lambda i: validation_score(train[i].name))))
+        elif not train:
+            train.append(val.pop(max(range(len(val)),
+                                     key=lambda i: validation_score(val[i].name))))
     return train, val
 
 
 def _check_fraction(val_fraction: float) -> None:
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
-        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+        raise CorpusError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise CorpusError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,8 +490,9 @@ def train_bpe_tokenizer(
 ) -> Tokenizer:
     """A byte-level BPE tokenizer (GPT-2 style) trained on ``texts``, with no download.
 
-    Token 0 is ``<|bos|>`` (so :class:`~kvshift_lens.tokenizer.TokenizerAdapter` finds the BOS
-    token), ids 1-256 are the 256 single bytes (GPT-2's byte alphabet), then come the merges.
+    Token 0 is ``<|bos|>`` (the BOS, EOS and pad token of the Hugging Face tokenizer a model
+    wraps it in: :func:`kvshift_lens.tokenizer.special_tokens`), ids 1-256 are the 256 single
+    bytes (GPT-2's byte alphabet), then come the merges.
     Any text round-trips through ``encode``/``decode``. Training is deterministic: the same texts
     in the same order give the same tokenizer.
 
@@ -379,12 +504,12 @@ def train_bpe_tokenizer(
         min_frequency: the fewest occurrences a pair needs to be merged.
     """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _BYTE_VOCAB + 1:
-        raise ValueError(
+        raise CorpusError(
             f"vocab_size must be an int >= {_BYTE_VOCAB + 1} (the 256 bytes and <|bos|>), "
             f"got {vocab_size!r}"
         )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency must be a positive int, got {min_frequency!r}")
+        raise CorpusError(f"min_frequency must be a positive int, got {min_frequency!r}")
     texts = list(texts)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -400,38 +525,6 @@ def train_bpe_tokenizer(
     return tok
 
 
-def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
-    """Write ``tokenizer`` to ``directory/tokenizer.json`` atomically (the file and format
-    :func:`~kvshift_lens.checkpoint.save_pretrained` writes for a model's tokenizer, so a checkpoint
-    folder is a valid place). Returns the file's path."""
-    if not isinstance(tokenizer, Tokenizer):
-        raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
-    folder = Path(directory)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"{folder} exists and is not a directory")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / TOKENIZER_FILE
-    _atomic_write(path, lambda p: tokenizer.save(p))
-    return path
-
-
-def load_tokenizer(directory: str | os.PathLike) -> Any:
-    """The tokenizer saved in ``directory`` (by :func:`save_tokenizer` or ``save_pretrained``), read
-    exactly as :func:`~kvshift_lens.checkpoint.load_pretrained` reads it.
-
-    Raises:
-        FileNotFoundError: the folder holds no tokenizer.
-        kvshift_lens.CheckpointError: ``tokenizer.json`` is not a valid tokenizer.
-    """
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
-    tok = _load_tokenizer(folder)
-    if tok is None:
-        raise FileNotFoundError(f"{folder} holds no tokenizer ({TOKENIZER_FILE} is missing)")
-    return tok
-
-
 def resolve_tokenizer(
     tokenizer: str | os.PathLike | Any,
     train_texts: Sequence[str] = (),
@@ -440,47 +533,66 @@ def resolve_tokenizer(
     bpe_min_frequency: int = 2,
 ) -> Any:
     """Turn :meth:`TextTask.from_corpus`'s ``tokenizer`` argument into a tokenizer object:
-    ``"byte"``, ``"bpe"`` (trained on ``train_texts``), a tokenizer object (returned as is), a
-    folder holding ``tokenizer.json`` (a checkpoint) or a ``tokenizer.json`` file."""
+    ``"byte"`` or ``"bpe"`` (trained on ``train_texts``) give a ``tokenizers.Tokenizer``; a
+    tokenizer object (``tokenizers`` or ``transformers``) is returned as it is; a folder (a
+    checkpoint, a run's ``final/``) is read by :func:`kvshift_lens.tokenizer.load_tokenizer` (a
+    Hugging Face tokenizer, never running code from the folder); a ``tokenizer.json`` file by
+    ``tokenizers``.
+
+    Raises:
+        TokenizerNotFoundError: the path does not exist or holds no tokenizer (a
+            ``FileNotFoundError``).
+        TokenizerError: the saved tokenizer is invalid or unsafe (a ``ValueError``).
+        TypeError: ``tokenizer`` is none of the above.
+    """
     if isinstance(tokenizer, str) and tokenizer == "byte":
         return byte_level_tokenizer()
     if isinstance(tokenizer, str) and tokenizer == "bpe":
         if not train_texts:
-            raise ValueError("training a BPE tokenizer needs at least one training document")
+            raise CorpusError("training a BPE tokenizer needs at least one training document")
         return train_bpe_tokenizer(train_texts, bpe_vocab_size, bpe_min_frequency)
     if isinstance(tokenizer, (str, os.PathLike)):
         path = Path(tokenizer).expanduser()
         if path.is_dir():
             return load_tokenizer(path)
         if path.is_file():
-            return Tokenizer.from_file(str(path))
-        raise FileNotFoundError(
+            return read_tokenizer_file(path)
+        raise TokenizerNotFoundError(
             f"tokenizer {os.fspath(tokenizer)!r} is not 'byte', 'bpe', a tokenizer folder or a "
-            "tokenizer.json file"
+            f"tokenizer.json file ({path} does not exist)"
         )
-    TokenizerAdapter(tokenizer)  # raises TypeError for anything else
+    as_hf_tokenizer(tokenizer)  # raises TypeError for anything else
     return tokenizer
 
 
 def encode_documents(texts: Sequence[str], tokenizer: Any) -> Int[Tensor, " n_tokens"]:
     """One int64 stream: for each text, the tokenizer's BOS id then the text's tokens.
 
+    Args:
+        texts: the documents.
+        tokenizer: a ``tokenizers.Tokenizer`` or a ``transformers`` tokenizer with a BOS token
+            (for a raw tokenizer, the one :func:`kvshift_lens.tokenizer.special_tokens` finds).
+
     Special-token strings inside a text (a literal ``"<|bos|>"``) are encoded as plain text, so
-    BOS ids appear only at document starts. The byte-level tokenizer takes a fast path (its ids
-    are the UTF-8 bytes) with the same result as its ``encode``.
+    BOS ids appear only at document starts (for a slow Hugging Face tokenizer, which has no
+    ``tokenizers`` backend, they are encoded as it encodes them). The byte-level tokenizer takes
+    a fast path (its ids are the UTF-8 bytes) with the same result as its ``encode``.
     """
-    adapter = TokenizerAdapter(tokenizer)
-    bos = adapter.bos_token_id
+    bos = as_hf_tokenizer(tokenizer).bos_token_id
     if bos is None:
-        raise ValueError(
+        raise CorpusError(
             "the tokenizer has no BOS token to separate documents (looked for "
             "<|bos|>, <|endoftext|>, <s>, [BOS], <bos>, <|begin_of_text|>); add one with "
             "tokenizer.add_special_tokens(['<|bos|>'])"
         )
-    if isinstance(tokenizer, Tokenizer) and _is_byte_level(tokenizer):
+    try:
+        backend = raw_tokenizer(tokenizer)
+    except TypeError:  # a slow transformers tokenizer
+        backend = None
+    if backend is not None and _is_byte_level(backend):
         pieces = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
-    elif isinstance(tokenizer, Tokenizer):
-        plain = Tokenizer.from_str(tokenizer.to_str())  # a copy, so the caller's is not modified
+    elif backend is not None:
+        plain = Tokenizer.from_str(backend.to_str())  # a copy, so the caller's is not modified
         plain.encode_special_tokens = True
         encode = getattr(plain, "encode_batch_fast", plain.encode_batch)
         pieces = []
@@ -488,7 +600,8 @@ def encode_documents(texts: Sequence[str], tokenizer: Any) -> Int[Tensor, " n_to
             chunk = encode(list(texts[i : i + _ENCODE_CHUNK]), add_special_tokens=False)
             pieces += [np.asarray(e.ids, dtype=np.int64) for e in chunk]
     else:
-        pieces = [np.asarray(adapter.encode(t), dtype=np.int64) for t in texts]
+        pieces = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=np.int64)
+                  for t in texts]
     out = np.empty(sum(len(p) + 1 for p in pieces), dtype=np.int64)
     at = 0
     for p in pieces:
@@ -498,16 +611,21 @@ def encode_documents(texts: Sequence[str], tokenizer: Any) -> Int[Tensor, " n_to
     return torch.from_numpy(out)
 
 
-_BYTE_LEVEL_JSON: str | None = None
+# What makes a tokenizer the byte-level one (a Hugging Face wrapper adds its own post-processor
+# and may set padding or truncation, which do not change the ids).
+_BYTE_LEVEL_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model", "decoder")
+_BYTE_LEVEL_PARTS: dict[str, Any] | None = None
 
 
 def _is_byte_level(tokenizer: Tokenizer) -> bool:
-    global _BYTE_LEVEL_JSON
+    global _BYTE_LEVEL_PARTS
     if tokenizer.get_vocab_size(with_added_tokens=True) != _BYTE_VOCAB + 1:
         return False
-    if _BYTE_LEVEL_JSON is None:
-        _BYTE_LEVEL_JSON = byte_level_tokenizer().to_str()
-    return tokenizer.to_str() == _BYTE_LEVEL_JSON
+    if _BYTE_LEVEL_PARTS is None:
+        reference = json.loads(byte_level_tokenizer().to_str())
+        _BYTE_LEVEL_PARTS = {k: reference.get(k) for k in _BYTE_LEVEL_KEYS}
+    parts = json.loads(tokenizer.to_str())
+    return {k: parts.get(k) for k in _BYTE_LEVEL_KEYS} == _BYTE_LEVEL_PARTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,12 +830,13 @@ class TextTask(SyntheticTask):
         bpe_min_frequency: int = 2,
         max_files: int | None = None,
         max_bytes: int | None = None,
+        chunk_chars: int | None = None,
     ) -> tuple[TextTask, TextTask]:
         """``(train, val)`` tasks from one corpus, sharing one tokenizer; the arguments are those
         of :meth:`from_corpus`. Raises ValueError if either split is too small for a window."""
         train, val = cls._build(
             source, tokenizer, seq_len, val_fraction, bpe_vocab_size, bpe_min_frequency,
-            max_files, max_bytes, ("train", "val"),
+            max_files, max_bytes, chunk_chars, ("train", "val"),
         )
         return train, val
 
@@ -733,6 +852,7 @@ class TextTask(SyntheticTask):
         bpe_min_frequency: int = 2,
         max_files: int | None = None,
         max_bytes: int | None = None,
+        chunk_chars: int | None = None,
     ) -> TextTask:
         """The ``split`` of a corpus as a task.
 
@@ -741,7 +861,8 @@ class TextTask(SyntheticTask):
                 directory, a glob or ``"hf:NAME[:SPLIT[:COLUMN]]"``.
             tokenizer: ``"byte"``, ``"bpe"`` (trained here on the *training* documents, so a
                 ``"val"`` task built separately with the same arguments gets the same tokenizer),
-                a ``tokenizers.Tokenizer``, or a folder/file holding ``tokenizer.json``.
+                a ``tokenizers.Tokenizer`` or ``transformers`` tokenizer, a saved tokenizer's
+                folder (a checkpoint) or a ``tokenizer.json`` file (:func:`resolve_tokenizer`).
             seq_len: window length.
             split: ``"train"`` or ``"val"``.
             val_fraction: expected share of documents in the validation split
@@ -749,12 +870,22 @@ class TextTask(SyntheticTask):
             bpe_vocab_size, bpe_min_frequency: for ``tokenizer="bpe"``
                 (:func:`train_bpe_tokenizer`).
             max_files, max_bytes: caps on the corpus, applied before the split.
+            chunk_chars: how documents are cut into pieces before the split
+                (:func:`load_documents`): None cuts only a single-document corpus (one file), at
+                :data:`DEFAULT_CHUNK_CHARS` characters; 0 never cuts; N cuts every document
+                longer than N characters.
+
+        Raises:
+            CorpusError: (a ``ValueError``; :class:`CorpusNotFoundError` is also a
+                ``FileNotFoundError``) the corpus is missing or unusable, or a split is empty;
+                one line naming the source.
+            ValueError: a split is too short for one window of ``seq_len`` tokens.
         """
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise CorpusError(f"split must be 'train' or 'val', got {split!r}")
         (task,) = cls._build(
             source, tokenizer, seq_len, val_fraction, bpe_vocab_size, bpe_min_frequency,
-            max_files, max_bytes, (split,),
+            max_files, max_bytes, chunk_chars, (split,),
         )
         return task
 
@@ -769,10 +900,12 @@ class TextTask(SyntheticTask):
         bpe_min_frequency: int,
         max_files: int | None,
         max_bytes: int | None,
+        chunk_chars: int | None,
         which: tuple[str, ...],
     ) -> list[TextTask]:
         _check_fraction(val_fraction)
-        docs = load_documents(source, max_files=max_files, max_bytes=max_bytes)
+        docs = load_documents(source, max_files=max_files, max_bytes=max_bytes,
+                              chunk_chars=chunk_chars)
         parts = dict(zip(("train", "val"), split_documents(docs, val_fraction)))
         tok = resolve_tokenizer(
             tokenizer,
@@ -780,24 +913,26 @@ class TextTask(SyntheticTask):
             bpe_vocab_size=bpe_vocab_size,
             bpe_min_frequency=bpe_min_frequency,
         )
-        adapter = TokenizerAdapter(tok)
+        hf = as_hf_tokenizer(tok)  # what a model given this tokenizer holds
         out = []
         for split in which:
             chosen = parts[split]
             if not chosen:
-                raise ValueError(
-                    f"the {split} split of {os.fspath(source)!r} is empty ({len(docs)} documents, "
-                    f"val_fraction={val_fraction}); use more documents or "
-                    + ("a larger val_fraction" if split == "val" else "a smaller val_fraction")
+                raise CorpusError(
+                    f"the {split} split of {os.fspath(source)!r} is empty: "
+                    + ("val_fraction=0 puts every document in training" if not val_fraction else
+                       f"the corpus is a single document ({len(docs[0].text)} characters, not "
+                       f"cut with chunk_chars={chunk_chars!r}); use more text or a smaller "
+                       "chunk_chars")
                 )
             stream = encode_documents([d.text for d in chosen], tok)
-            assert adapter.bos_token_id is not None  # encode_documents checked
+            assert hf.bos_token_id is not None  # encode_documents checked
             out.append(
                 cls(
                     tokens=stream,
                     seq_len=seq_len,
-                    d_vocab=adapter.vocab_size,
-                    bos_id=adapter.bos_token_id,
+                    d_vocab=len(hf),
+                    bos_id=hf.bos_token_id,
                     tokenizer=tok,
                     split=split,
                     n_documents=len(chosen),
@@ -807,10 +942,16 @@ class TextTask(SyntheticTask):
 
 
 __all__ = [
+    "DEFAULT_CHUNK_CHARS",
     "HF_PREFIX",
     "STDLIB_EXCLUDED_DIRS",
+    "CorpusDependencyError",
+    "CorpusError",
+    "CorpusNotFoundError",
+    "CorpusUnavailableError",
     "Document",
     "TextTask",
+    "chunk_documents",
     "encode_documents",
     "is_validation",
     "load_corpus",

@@ -4,6 +4,7 @@ check (hashlib for the split, UTF-8 bytes for the byte tokenizer, plain-list sea
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 import types
@@ -17,10 +18,15 @@ from hypothesis import strategies as st
 
 from kvshift_lens import HookedKVShiftTransformer, byte_level_tokenizer
 from kvshift_lens.data import (
+    DEFAULT_CHUNK_CHARS,
     Batch,
+    CorpusError,
+    CorpusNotFoundError,
+    CorpusUnavailableError,
     Document,
     SyntheticTask,
     TextTask,
+    chunk_documents,
     encode_documents,
     load_corpus,
     load_documents,
@@ -30,8 +36,9 @@ from kvshift_lens.data import (
     stdlib_corpus_files,
     stdlib_root,
     train_bpe_tokenizer,
+    validation_score,
 )
-from kvshift_lens.tokenizer import TokenizerAdapter
+from kvshift_lens.tokenizer import as_hf_tokenizer
 from tests.helpers import tiny_config
 
 HYPOTHESIS = settings(
@@ -159,6 +166,149 @@ def test_errors_name_the_bad_source(tmp_path):
         load_corpus(tmp_path, max_files=0)
 
 
+def one_line(e: BaseException) -> str:
+    message = str(e)
+    assert "\n" not in message and len(message) < 300, message
+    return message
+
+
+def test_missing_sources_are_one_line_errors_naming_them(tmp_path):
+    pattern = str(tmp_path / "corpus" / "*.txt")
+    with pytest.raises(CorpusNotFoundError) as e:
+        load_documents(pattern)
+    assert pattern in one_line(e.value) and "matches no file" in str(e.value)
+    # both a FileNotFoundError (what it is) and a ValueError (bad input), as the CLI expects
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ValueError)
+    missing = tmp_path / "data" / "corpus.txt"
+    with pytest.raises(CorpusNotFoundError) as e:
+        load_documents(missing)
+    assert str(missing) in one_line(e.value) and f"{tmp_path / 'data'} is missing" in str(e.value)
+    (tmp_path / "folder_only.txt").mkdir()
+    with pytest.raises(CorpusNotFoundError, match="matches no file .1 folders only"):
+        load_documents(str(tmp_path / "folder_only*"))
+
+
+def test_unreadable_file_is_a_one_line_error(tmp_path, monkeypatch):
+    good = tmp_path / "c" / "a.txt"
+    good.parent.mkdir()
+    good.write_text("text\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    for source in (good, good.parent, str(good.parent / "*.txt")):
+        with pytest.raises(CorpusUnavailableError) as e:
+            load_documents(source)
+        assert str(good) in one_line(e.value) and "Permission denied" in str(e.value)
+        assert isinstance(e.value, OSError) and isinstance(e.value, ValueError)
+
+
+def test_cli_reports_a_bad_corpus_in_one_line(tmp_path, capsys):
+    from kvshift_lens.cli import main
+
+    pattern = str(tmp_path / "nothing_*.txt")
+    for source in (pattern, str(tmp_path / "missing.txt")):
+        code = main(["train", "--task", "text", "--task-arg", f"source={json.dumps(source)}",
+                     "--steps", "1", "--out", str(tmp_path / "run")])
+        out, err = capsys.readouterr()
+        assert code != 0 and len(err.strip().splitlines()) == 1, err
+        assert source in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def long_text(n_lines: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(prose(rng, rng.randint(1, 25)) for _ in range(n_lines))
+
+
+@HYPOTHESIS
+@given(text=st.text(alphabet="ab \n", max_size=400), size=st.integers(1, 50))
+def test_chunks_are_whole_lines_where_possible_and_join_to_the_text(text, size):
+    pieces = chunk_documents([Document("f.txt", text)], size) if text else []
+    if len(text) <= size:
+        assert pieces == ([Document("f.txt", text)] if text else [])
+        return
+    assert [d.name for d in pieces] == [f"f.txt#{i}" for i in range(len(pieces))]
+    assert "".join(d.text for d in pieces) == text
+    start = 0
+    for d in pieces[:-1]:
+        n = len(d.text)
+        assert 1 <= n <= size
+        window = text[start : start + size]
+        if d.text.endswith("\n") and n > size // 2:
+            assert "\n" not in window[n:]  # the last line break of the window's second half
+        else:
+            assert n == size and "\n" not in window[size // 2 :]
+        start += n
+    assert 1 <= len(pieces[-1].text) <= size
+
+
+def test_single_file_corpus_is_cut_into_chunks_with_both_splits(tmp_path):
+    text = long_text(4000, seed=5)  # ~270 kB: ~33 chunks
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    docs = load_documents(path)
+    # every piece but the last holds more than half of DEFAULT_CHUNK_CHARS
+    assert len(text) / DEFAULT_CHUNK_CHARS <= len(docs) < 2 * len(text) / DEFAULT_CHUNK_CHARS + 1
+    assert [d.name for d in docs] == [f"book.txt#{i}" for i in range(len(docs))]
+    assert "".join(d.text for d in docs) == text
+    assert all(d.text.endswith("\n") and len(d.text) <= DEFAULT_CHUNK_CHARS for d in docs)
+    train, val = TextTask.splits(path, seq_len=32, val_fraction=0.1)
+    val_docs = [d for d in docs if in_val(d.name, 0.1)]
+    assert val_docs  # the hash alone gives this file a validation split
+    assert val.tokens.tolist() == byte_stream([d.text for d in val_docs])
+    assert train.tokens.tolist() == byte_stream([d.text for d in docs if not in_val(d.name, 0.1)])
+    assert train.n_documents + val.n_documents == len(docs) and val.n_documents == len(val_docs)
+    # chunk_chars=0 keeps the file whole (one document: no validation split)
+    assert load_documents(path, chunk_chars=0) == [Document("book.txt", text)]
+    with pytest.raises(CorpusError, match="chunk_chars"):
+        load_documents(path, chunk_chars=-1)
+
+
+def test_multi_file_corpora_are_not_cut_unless_asked(tmp_path):
+    long = long_text(400, seed=6)
+    assert len(long) > DEFAULT_CHUNK_CHARS
+    (tmp_path / "a.txt").write_text(long)
+    (tmp_path / "b.txt").write_text("short\n")
+    assert load_documents(tmp_path) == [Document("a.txt", long), Document("b.txt", "short\n")]
+    cut = load_documents(tmp_path, chunk_chars=5000)
+    assert [d.name for d in cut][-1] == "b.txt" and cut[0].name == "a.txt#0"
+    assert "".join(d.text for d in cut[:-1]) == long
+
+
+def test_single_file_trains_and_evaluates(tmp_path):
+    from kvshift_lens.train import RunSpec, TrainConfig, train
+
+    path = tmp_path / "one_file.txt"
+    path.write_text(long_text(1500, seed=7))
+    task = {"name": "text", "source": str(path), "seq_len": 16}
+    spec = RunSpec(model=dict(d_model=16, d_head=4, n_layers=1, attn_only=True), task=task,
+                   train=TrainConfig(steps=2, batch_size=4, eval_every=2, eval_batches=1,
+                                     progress=False, device="cpu"))
+    result = train(spec, tmp_path / "run")
+    _, val = TextTask.splits(path, seq_len=16)
+    assert val.n_documents >= 1
+    batch = next(iter(val.eval_batches(4, 1)))
+    with torch.no_grad():
+        expected = val.metrics(result.model.eval()(batch.tokens), batch)["loss"]
+    assert result.final_metrics["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_split_never_leaves_a_split_empty_when_it_can_avoid_it(tmp_path):
+    write_corpus(tmp_path, 5)
+    docs = load_documents(tmp_path)
+    scores = {d.name: validation_score(d.name) for d in docs}
+    train, val = split_documents(docs, 1e-9)  # the hash puts nothing in validation
+    assert not any(in_val(d.name, 1e-9) for d in docs)
+    assert [d.name for d in val] == [min(scores, key=scores.get)]
+    assert [d.name for d in train] == [d.name for d in docs if d.name != val[0].name]
+    train, val = split_documents(docs, 1 - 1e-9)  # ... everything
+    assert [d.name for d in train] == [max(scores, key=scores.get)]
+    assert split_documents(docs, 0.0) == (docs, [])  # no validation asked for: none made
+    assert split_documents(docs[:1], 0.5) in ((docs[:1], []), ([], docs[:1]))
+
+
 # ---------------------------------------------------------------------------------------------
 # The stdlib corpus
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +387,13 @@ def test_train_and_val_streams_are_built_from_disjoint_documents(tmp_path):
 
 def test_empty_split_and_short_stream_errors(tmp_path):
     write_corpus(tmp_path, 3)
-    with pytest.raises(ValueError, match="val split .* is empty"):
-        TextTask.from_corpus(tmp_path, split="val", val_fraction=1e-9)
+    with pytest.raises(ValueError, match="val split .* is empty: val_fraction=0"):
+        TextTask.from_corpus(tmp_path, split="val", val_fraction=0.0)
+    short = tmp_path / "short" / "one.txt"
+    short.parent.mkdir()
+    short.write_text("a single line that is too short to cut\n")
+    with pytest.raises(ValueError, match="split .* is empty: the corpus is a single document"):
+        TextTask.splits(short, seq_len=4)
     with pytest.raises(ValueError, match="seq_len"):
         TextTask.from_corpus(tmp_path, seq_len=100_000, val_fraction=0.0)
     with pytest.raises(ValueError, match="split"):
@@ -281,8 +436,9 @@ def test_bpe_is_deterministic_round_trips_and_compresses():
     tok = train_bpe_tokenizer(texts, vocab_size=300)
     assert train_bpe_tokenizer(texts, vocab_size=300).to_str() == tok.to_str()
     assert 257 < tok.get_vocab_size() <= 300
-    adapter = TokenizerAdapter(tok)
-    assert adapter.bos_token_id == 0 and tok.token_to_id("<|bos|>") == 0
+    hf = as_hf_tokenizer(tok)
+    assert hf.bos_token_id == hf.eos_token_id == hf.pad_token_id == 0
+    assert tok.token_to_id("<|bos|>") == 0
     held_out = make_texts(3, seed=2) + ["ünïcødé ✓ 😀 \t\r\n tabs\tand \x00 bytes", "def f(x):\n    return x\n"]
     for text in held_out:
         ids = tok.encode(text, add_special_tokens=False).ids
@@ -317,20 +473,35 @@ def test_bpe_task_trains_on_train_split_only_and_splits_share_it(tmp_path):
     assert train.n_tokens < sum(len(t.encode()) for t in train_texts)
 
 
+def same_tokenizer(hf, raw) -> bool:
+    """Whether a (loaded, Hugging Face) tokenizer encodes and decodes as the raw one does."""
+    texts = make_texts(3, seed=9) + ["ünïcødé ✓ <|bos|> 😀\n\t x"]
+    return (len(hf) == raw.get_vocab_size() and hf.bos_token_id == raw.token_to_id("<|bos|>")
+            and all(hf(t, add_special_tokens=False)["input_ids"]
+                    == raw.encode(t, add_special_tokens=False).ids for t in texts)
+            and all(hf.decode(raw.encode(t).ids) == t for t in texts))
+
+
 def test_tokenizer_saved_alone_and_with_a_checkpoint(tmp_path):
     tok = train_bpe_tokenizer(make_texts(10, seed=4), vocab_size=290)
     path = save_tokenizer(tok, tmp_path / "tok")
     assert path.name == "tokenizer.json"
-    assert load_tokenizer(tmp_path / "tok").to_str() == tok.to_str()
+    assert same_tokenizer(load_tokenizer(tmp_path / "tok"), tok)
     model = HookedKVShiftTransformer(tiny_config(d_vocab=tok.get_vocab_size()), tokenizer=tok)
     model.save_pretrained(tmp_path / "ckpt")
-    assert load_tokenizer(tmp_path / "ckpt").to_str() == tok.to_str()
+    assert same_tokenizer(load_tokenizer(tmp_path / "ckpt"), tok)
     task = TextTask.from_corpus(tmp_path / "tok" / "tokenizer.json", tokenizer=tmp_path / "ckpt",
                                 seq_len=4, val_fraction=0.0)
-    assert task.tokenizer.to_str() == tok.to_str()
+    assert same_tokenizer(task.tokenizer, tok) and task.bos_token == 0
+    direct = TextTask.from_corpus(tmp_path / "tok" / "tokenizer.json", tokenizer=tok, seq_len=4,
+                                  val_fraction=0.0)
+    assert torch.equal(task.tokens, direct.tokens)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(FileNotFoundError, match="nothing"):
         load_tokenizer(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no_such_tokenizer"):
+        TextTask.from_corpus(tmp_path / "tok" / "tokenizer.json",
+                             tokenizer=tmp_path / "no_such_tokenizer", seq_len=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,4 +218,4 @@ def test_text_runs_evaluate_on_validation_and_keep_their_tokenizer(tmp_path):
         expected = val.metrics(result.model.eval()(batch.tokens), batch)["loss"]
     assert result.final_metrics["loss"] == pytest.approx(expected, rel=1e-5)
     final = HookedKVShiftTransformer.from_pretrained(tmp_path / "run" / "final", device="cpu")
-    assert final.to_string(final.to_tokens("lorem ipsum")[0]) == "lorem ipsum"
+    assert final.to_string(final.to_tokens("lorem ipsum", prepend_bos=False)[0]) == "lorem ipsum"
