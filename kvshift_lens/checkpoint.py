@@ -13,8 +13,9 @@ Guarantees:
 - **Checked**: ``weights_sha256`` is the SHA-256 of ``model.safetensors`` as written (and
   ``tokenizer_files`` those of the tokenizer's files). Loading verifies them, so a bit flip, a
   truncated copy or a save killed between two renames is refused with :class:`CheckpointError`
-  instead of loading wrong numbers; so are weights holding NaN or inf (``allow_nonfinite=True`` loads them anyway, for forensics), tensors whose names, shapes or
-  dtypes do not match the config, and folders whose tokenizer would run code.
+  instead of loading wrong numbers; so are weights holding NaN or inf (``allow_nonfinite=True``
+  loads them anyway, for forensics), tensors whose names, shapes or dtypes do not match the
+  config, and folders whose tokenizer would run code.
 
 This module knows the file format and the config, not the model class: the model's
 ``from_pretrained`` reads a checkpoint through :func:`read_checkpoint` and builds itself.
