@@ -55,6 +55,23 @@ class KVShiftCache:
     def length(self) -> int:
         return self.layers[0].length
 
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size of the cached sequences (None while the cache is empty)."""
+        k = self.layers[0].k
+        return None if k is None else k.shape[0]
+
+    def check_fits(self, tokens: Tensor, n_layers: int) -> None:
+        """Raise ValueError unless ``tokens`` can continue the cached sequences."""
+        if len(self.layers) != n_layers:
+            raise ValueError(f"past_kv_cache has {len(self.layers)} layers but the model has "
+                             f"{n_layers}; make it with model.new_cache()")
+        if self.batch_size is not None and tokens.shape[0] != self.batch_size:
+            raise ValueError(
+                f"past_kv_cache holds {self.batch_size} sequences but the input has batch size "
+                f"{tokens.shape[0]}; continue the same batch, or start a new cache with "
+                "model.new_cache()")
+
 
 @dataclass
 class ShiftCoefficients:
@@ -272,7 +289,10 @@ class HookedKVShiftTransformer(HookedRootModule):
             isinstance(input, list) and all(isinstance(t, str) for t in input))
         tokens = self.to_tokens(input, prepend_bos=prepend_bos) if is_text else \
             self._check_tokens(input)
-        offset = 0 if past_kv_cache is None else past_kv_cache.length
+        offset = 0
+        if past_kv_cache is not None:
+            past_kv_cache.check_fits(tokens, self.cfg.n_layers)
+            offset = past_kv_cache.length
         self._check_length(tokens.shape[1] + offset)
         residual = self.hook_embed(self.embed(tokens))
         shortformer = None
@@ -311,6 +331,9 @@ class HookedKVShiftTransformer(HookedRootModule):
         if tokens.shape[1] == 0:
             raise ValueError("tokens has an empty position axis (shape "
                              f"{tuple(tokens.shape)}); need at least one token")
+        if tokens.shape[0] == 0:
+            raise ValueError(f"tokens has an empty batch axis (shape {tuple(tokens.shape)}); "
+                             "need at least one sequence")
         # (Skipped inside torch.compile, where reading the values would break the graph; an
         # out-of-range id then fails in the embedding lookup instead.)
         if tokens.numel() and not torch.compiler.is_compiling():

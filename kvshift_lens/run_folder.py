@@ -287,8 +287,7 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 def _ours_hidden(name: str) -> bool:
     """Hidden entries the toolkit itself makes: the lock, staging and replaced folders, and the
     temporary files of atomic writes."""
-    return (name == LOCK_FILE or name.startswith((STAGING_PREFIX, REPLACED_PREFIX))
-            or (name.startswith(".") and name.endswith(".tmp")))
+    return name == LOCK_FILE or _stale(name)
 
 
 def foreign_entries(path: Path, allowed: Iterable[str] = RUN_ENTRIES) -> list[str]:
@@ -338,13 +337,26 @@ def check_deletable_run(path: str | os.PathLike) -> None:
             "them elsewhere or choose another --out")
 
 
+def _stale(name: str) -> bool:
+    """Names of what a killed writer leaves behind: staging and replaced folders, temporary
+    files of atomic writes, half-written and replaced checkpoints."""
+    return (name.startswith((STAGING_PREFIX, REPLACED_PREFIX))
+            or (name.startswith(".") and name.endswith((".tmp", ".replaced"))))
+
+
 def remove_stale_staging(path: Path) -> None:
-    """Delete staging and replaced folders left inside ``path`` by a killed process (call with
-    ``path``'s lock held, so no live process is using them)."""
-    for e in path.iterdir():
-        if e.is_dir() and not e.is_symlink() and e.name.startswith((STAGING_PREFIX,
-                                                                    REPLACED_PREFIX)):
-            shutil.rmtree(e, ignore_errors=True)
+    """Delete what a killed writer left inside the run folder ``path`` and its checkpoints (call
+    with ``path``'s lock held, so no live process is using them)."""
+    for folder in (path, path / CHECKPOINTS_DIR):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for e in folder.iterdir():
+            if not _stale(e.name) or e.is_symlink():
+                continue
+            if e.is_dir():
+                shutil.rmtree(e, ignore_errors=True)
+            else:
+                e.unlink(missing_ok=True)
 
 
 def _is_empty_but_ours(path: Path) -> bool:

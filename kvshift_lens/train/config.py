@@ -196,17 +196,21 @@ class ResolvedRun:
         return d
 
 
-def resolve_run_spec(spec: RunSpec | Mapping[str, Any], for_model: bool = False) -> ResolvedRun:
+def resolve_run_spec(
+    spec: RunSpec | Mapping[str, Any], model_config: KVShiftConfig | None = None
+) -> ResolvedRun:
     """Complete and validate a run spec, building its tasks, before anything is written.
 
     Fills ``model.d_vocab`` (the task's vocabulary, or its tokenizer's for text), ``model.n_ctx``
-    (the task's ``seq_len``) and, unless ``for_model`` (training a given model, e.g. a retrofitted
-    one, whose config is the spec's), ``model.shift_init`` (:data:`DEFAULT_SHIFT_INIT`). Does not
-    change ``spec``.
+    (the task's ``seq_len``) and ``model.shift_init`` (:data:`DEFAULT_SHIFT_INIT`). When training a
+    given model (``model_config`` is its config, e.g. a retrofitted model's), the model's config
+    fills every field the spec leaves out, and a field the spec sets differently is an error.
+    Does not change ``spec``.
 
     Raises:
         ValueError, TypeError: naming the section, field and value (an unknown task or
-            parameter, a model that cannot represent the task's tokens or length, ...).
+            parameter, a model that cannot represent the task's tokens or length, a spec that
+            contradicts the given model, ...).
     """
     from kvshift_lens.config import KVShiftConfig
     from kvshift_lens.train.tasks import build_tasks
@@ -216,10 +220,17 @@ def resolve_run_spec(spec: RunSpec | Mapping[str, Any], for_model: bool = False)
     task_spec = dict(spec.task)
     task, eval_task = build_tasks(task_spec)
     model = {k: v for k, v in spec.model.items() if k != "device"}
+    if model_config is not None:
+        given = model_config.to_dict()
+        clash = sorted(k for k, v in model.items() if k in given and given[k] != v)
+        if clash:
+            raise ValueError(
+                f"the spec's model sets {', '.join(f'{k}={model[k]!r}' for k in clash)} but the "
+                f"model to train has {', '.join(f'{k}={given[k]!r}' for k in clash)}")
+        model = {**given, **model}
     model.setdefault("d_vocab", task.d_vocab)
     model.setdefault("n_ctx", task.seq_len)
-    if not for_model:
-        model.setdefault("shift_init", DEFAULT_SHIFT_INIT)
+    model.setdefault("shift_init", DEFAULT_SHIFT_INIT)
     d_vocab, n_ctx = model["d_vocab"], model["n_ctx"]
     if isinstance(d_vocab, int) and d_vocab < task.d_vocab:
         raise ValueError(

@@ -240,8 +240,8 @@ class Trainer:
                            seed=cfg.seed + 2, device=self.device, autocast=self.autocast)
         bad = nonfinite_metrics(metrics)
         if bad:
-            raise TrainingDiverged(self._diverged(f"the evaluation's {bad[0]} is "
-                                                  f"{metrics[bad[0]]}"))
+            raise TrainingDiverged(self._diverged(f"the {bad[0]} is {metrics[bad[0]]}",
+                                                  in_step=False))
         record = {"step": step, "kind": "eval", **{f"eval/{k}": v for k, v in metrics.items()},
                   "coefficients": coefficient_log(self.model)}
         acc = record.get("eval/accuracy")
@@ -285,9 +285,12 @@ class Trainer:
                 else "No checkpoint had been written yet")
         return f"{kept}; try a lower lr or a stronger grad_clip"
 
-    def _diverged(self, what: str) -> str:
-        return f"step {self.step_no + 1}: {what}, not finite; stopped before the update. " \
-               + self._kept()
+    def _diverged(self, what: str, in_step: bool = True) -> str:
+        """The NaN guard's message: where (the step about to be taken, or the evaluation after
+        the last one), the first non-finite quantity, and what was kept."""
+        where = (f"step {self.step_no + 1}: {what}, not finite; stopped before the update" if in_step
+                 else f"evaluation at step {self.step_no}: {what}, not finite; stopped")
+        return f"{where}. {self._kept()}"
 
     def _check_step(self, loss: float, grad_norm: float) -> None:
         if not math.isfinite(loss):
@@ -393,8 +396,8 @@ def train(
         resume: continue from the latest checkpoint in ``run_dir``.
         overwrite: replace the run in ``run_dir`` (only a kvshift run, and only once the new run
             has started).
-        model: an already-built model to train (e.g. a retrofitted one); its config must equal
-            the resolved ``spec.model``.
+        model: an already-built model to train (e.g. a retrofitted one); its config fills what
+            ``spec.model`` leaves out and must agree with what it sets.
 
     Raises:
         RunFolderError: the folder exists without resume/overwrite, holds foreign files, is
@@ -403,10 +406,11 @@ def train(
         TrainingDiverged: the loss, gradients, weights or evaluation became non-finite.
         ValueError, TypeError: a bad spec (before anything is written).
     """
-    run = spec if isinstance(spec, ResolvedRun) else resolve_run_spec(spec, for_model=model is not None)
+    run = spec if isinstance(spec, ResolvedRun) else resolve_run_spec(
+        spec, model_config=None if model is None else model.cfg)
     if model is not None and model.cfg.to_dict() != run.model.to_dict():
         diff = sorted(k for k, v in run.model.to_dict().items() if model.cfg.to_dict().get(k) != v)
-        raise ValueError(f"the model's config differs from the spec's model in {diff}")
+        raise ValueError(f"the model's config differs from the run's model config in {diff}")
     if not torch.is_grad_enabled():
         logger.info("gradients were disabled (torch.set_grad_enabled(False)); training enables "
                     "them for its own steps")
