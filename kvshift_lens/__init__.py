@@ -14,8 +14,9 @@ Importing the package changes no global state.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kvshift_lens._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -50,14 +51,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvshift_lens.tokenizer import byte_level_tokenizer
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvshift_lens' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports('kvshift_lens', _EXPORTS, globals())

@@ -93,9 +93,12 @@ def get_patterns(
     return (patterns, logits) if return_logits else patterns
 
 
-def head_coefficients(model: Any, which: str) -> Float[Tensor, "layer head lag"] | None:
+def head_coefficients(
+    model: Any, which: str, keep_precision: bool = False
+) -> Float[Tensor, "layer head lag"] | None:
     """A model's shift coefficients for projection ``which`` ("k", "v" or "q"), per *query* head
-    (KV-head coefficients repeated under grouped-query attention), on CPU as float32.
+    (KV-head coefficients repeated under grouped-query attention), detached; on CPU as float32
+    unless ``keep_precision`` (then in the model's dtype, on its device).
 
     Duck-typed: reads ``model.shift_coefficients()`` (an object with ``.values`` or a mapping from
     "k"/"v"/"q" to ``[layer, head, lag]``). Returns None when the model has no such method or does
@@ -111,7 +114,7 @@ def head_coefficients(model: Any, which: str) -> Float[Tensor, "layer head lag"]
     out = values.get(which) if hasattr(values, "get") else None
     if out is None:
         return None
-    out = out.detach().float().cpu()
+    out = out.detach() if keep_precision else out.detach().float().cpu()
     _, n_heads = model_dims(model)
     if out.ndim != 3:
         raise ValueError(f"shift coefficients {which!r} must be [layer, head, lag], got {tuple(out.shape)}")

@@ -57,7 +57,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from transformer_lens.FactoredMatrix import FactoredMatrix
 
-from probes._hooks import model_dims, prepare_tokens, require_hooks
+from probes._hooks import head_coefficients, model_dims, prepare_tokens, require_hooks
 from probes.composition import _check_mode, all_composition_scores
 
 # ------------------------------------------------------------------ reading the model
@@ -74,21 +74,8 @@ def _check_head(model: Any, layer: int, head: int) -> None:
 def _coefficients(model: Any, which: str, layer: int) -> Float[Tensor, "head lag"] | None:
     """Layer ``layer``'s coefficients of projection ``which`` per *query* head, in the model's
     dtype (KV-head coefficients repeated under grouped-query attention); None when unshifted."""
-    get = getattr(model, "shift_coefficients", None)
-    if not callable(get):
-        return None
-    coeffs = get()
-    values = getattr(coeffs, "values", coeffs)
-    if callable(values):  # a plain dict's .values method, not a dict attribute
-        values = coeffs
-    t = values.get(which) if hasattr(values, "get") else None
-    if t is None:
-        return None
-    _, n_heads = model_dims(model)
-    if t.ndim != 3 or n_heads % t.shape[1]:
-        raise ValueError(f"shift coefficients {which!r} must be [layer, head, lag] with a head "
-                         f"count dividing n_heads={n_heads}, got {tuple(t.shape)}")
-    return t[layer].detach().repeat_interleave(n_heads // t.shape[1], dim=0)
+    c = head_coefficients(model, which, keep_precision=True)
+    return None if c is None else c[layer]
 
 
 def _head_coefficients(model: Any, which: str, layer: int, head: int, like: Tensor) -> Tensor:

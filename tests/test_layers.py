@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kvshift_lens", "probes")
 
-CORE = {"kvshift_lens", "kvshift_lens._files", "kvshift_lens.options", "kvshift_lens.config",
+CORE = {"kvshift_lens", "kvshift_lens._files", "kvshift_lens._lazy", "kvshift_lens.options",
+        "kvshift_lens.config",
         "kvshift_lens.shift", "kvshift_lens.model", "kvshift_lens.checkpoint",
         "kvshift_lens.generate", "kvshift_lens.processing", "kvshift_lens.tokenizer"}
 

@@ -8,8 +8,9 @@ builds its flags from them); the trainer does.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from kvshift_lens._lazy import lazy_exports
 
 _EXPORTS = {
     "RunSpec": "kvshift_lens.train.config",
@@ -44,14 +45,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvshift_lens.train.trainer import TrainingDiverged, TrainResult, lr_lambda, train
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kvshift_lens.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports('kvshift_lens.train', _EXPORTS, globals())
