@@ -146,7 +146,8 @@ class HookedKVShiftTransformer(HookedRootModule):
             ``transformers.PreTrainedTokenizerFast``, see
             :func:`~kvshift_lens.tokenizer.as_hf_tokenizer`) or ``transformers`` tokenizer (held
             as it is); models on integer tokens need none.
-        generator: a ``torch.Generator`` for the initial weights (None: torch's global RNG).
+        generator: a ``torch.Generator`` for the initial weights (None: one seeded with
+            ``cfg.seed`` when the config sets it, else torch's global RNG).
     """
 
     def __init__(
@@ -178,6 +179,8 @@ class HookedKVShiftTransformer(HookedRootModule):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg, self.embed)
+        if generator is None and cfg.seed is not None:
+            generator = torch.Generator().manual_seed(cfg.seed)
         self.init_weights(generator)
         self.setup()
         self.to(cfg.device)
@@ -263,56 +266,152 @@ class HookedKVShiftTransformer(HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+        input: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+        | Float[Tensor, "batch pos d_model"],
         return_type: ReturnType = "logits",
         loss_per_token: bool = False,
         prepend_bos: bool | None = None,
         past_kv_cache: KVShiftCache | None = None,
         stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        shortformer_pos_embed: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> Any:
         """Run the model.
 
         Args:
             input: token ids ``[batch, pos]`` (or ``[pos]``), or text when the model has a
-                tokenizer.
+                tokenizer; with ``start_at_layer``, the residual stream before that block
+                ``[batch, pos, d_model]``.
             return_type: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token cross
                 entropy, or ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss),
                 or None.
             past_kv_cache: incremental-decoding state, extended in place.
             stop_at_layer: return the residual stream before this block (no unembedding).
+            start_at_layer: run blocks ``start_at_layer:stop_at_layer`` only, on ``input`` as the
+                residual stream before block ``start_at_layer`` (as HookedTransformer; negative
+                indices count from the end). The embedding hooks do not fire.
+            tokens: with ``start_at_layer``, the token ids ``[batch, pos]`` the loss is computed
+                on (needed for return_type "loss" / "both").
+            shortformer_pos_embed: with ``start_at_layer`` on a shortformer model, the positional
+                embedding ``[batch, pos, d_model]`` the attention layers add to their queries and
+                keys (``cache["pos_embed"]``); required there, refused elsewhere.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(
                 f"return_type={return_type!r} is not one of ['logits', 'loss', 'both', None]"
             )
-        is_text = isinstance(input, str) or (
-            isinstance(input, list) and all(isinstance(t, str) for t in input))
-        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if is_text else \
-            self._check_tokens(input)
-        offset = 0
-        if past_kv_cache is not None:
-            past_kv_cache.check_fits(tokens, self.cfg.n_layers)
-            offset = past_kv_cache.length
-        self._check_length(tokens.shape[1] + offset)
-        residual = self.hook_embed(self.embed(tokens))
-        shortformer = None
-        if self.cfg.positional_embedding_type == "standard":
-            residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
-        elif self.cfg.positional_embedding_type == "shortformer":
-            shortformer = self.hook_pos_embed(self.pos_embed(tokens, offset))
-        layers = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for i, block in enumerate(layers):
+        start = self._layer_index("start_at_layer", start_at_layer)
+        stop = self._layer_index("stop_at_layer", stop_at_layer)
+        if start is None:
+            if tokens is not None or shortformer_pos_embed is not None:
+                raise ValueError("tokens= and shortformer_pos_embed= go with start_at_layer (the "
+                                 "input is then a residual stream); pass the tokens as input")
+            is_text = isinstance(input, str) or (
+                isinstance(input, list) and all(isinstance(t, str) for t in input))
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos) if is_text else \
+                self._check_tokens(input)
+            offset = 0
+            if past_kv_cache is not None:
+                past_kv_cache.check_fits(tokens, self.cfg.n_layers)
+                offset = past_kv_cache.length
+            self._check_length(tokens.shape[1] + offset)
+            residual = self.hook_embed(self.embed(tokens))
+            shortformer = None
+            if self.cfg.positional_embedding_type == "standard":
+                residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
+            elif self.cfg.positional_embedding_type == "shortformer":
+                shortformer = self.hook_pos_embed(self.pos_embed(tokens, offset))
+            layers = range(self.cfg.n_layers if stop is None else stop)
+        else:
+            residual, shortformer = self._check_residual_input(
+                input, past_kv_cache, prepend_bos, tokens, shortformer_pos_embed, return_type,
+                stop)
+            layers = range(start, self.cfg.n_layers if stop is None else stop)
+            if tokens is not None:
+                tokens = self._check_tokens(tokens)
+        for i in layers:
             layer_cache = None if past_kv_cache is None else past_kv_cache.layers[i]
-            residual = block(residual, shortformer, cache=layer_cache)
-        if stop_at_layer is not None:
+            residual = self.blocks[i](residual, shortformer, cache=layer_cache)
+        if stop is not None:
             return residual
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(residual))
         if return_type == "logits":
             return logits
-        loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+        loss = self.loss_fn(logits, tokens, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(
+        self,
+        logits: Float[Tensor, "batch pos d_vocab"],
+        tokens: Int[Tensor, "batch pos"],
+        per_token: bool = False,
+    ) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
+        """Next-token cross entropy, as HookedTransformer's ``loss_fn``: position t predicts
+        token t + 1.
+
+        Args:
+            logits: the model's logits.
+            tokens: the token ids they were computed on.
+            per_token: return the loss at each position ``[batch, pos - 1]`` instead of the mean.
+
+        Returns:
+            The mean loss (a scalar), or the per-token losses.
+        """
+        if logits.ndim != 3 or tokens.ndim != 2 or logits.shape[:2] != tokens.shape:
+            raise ValueError(f"loss_fn takes logits [batch, pos, d_vocab] and tokens [batch, pos] "
+                             f"of the same batch and pos, got {tuple(logits.shape)} and "
+                             f"{tuple(tokens.shape)}")
+        return lm_cross_entropy(logits, tokens.to(logits.device), per_token=per_token)
+
+    def _layer_index(self, name: str, value: int | None) -> int | None:
+        """A block index for start_at_layer / stop_at_layer in [0, n_layers] (negative values
+        count from the end, as Python slices)."""
+        if value is None:
+            return None
+        n = self.cfg.n_layers
+        if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= n:
+            raise ValueError(f"{name}={value!r} must be an int in [-{n}, {n}] "
+                             f"(n_layers={n})")
+        return value + n if value < 0 else value
+
+    def _check_residual_input(self, input: Any, past_kv_cache: KVShiftCache | None,
+                              prepend_bos: bool | None, tokens: Tensor | None,
+                              shortformer_pos_embed: Tensor | None, return_type: ReturnType,
+                              stop: int | None) -> tuple[Tensor, Tensor | None]:
+        """Validate the arguments of a forward pass that starts inside the model."""
+        if past_kv_cache is not None or prepend_bos is not None:
+            raise ValueError("start_at_layer takes a residual stream: past_kv_cache and "
+                             "prepend_bos are not supported with it")
+        d_model = self.cfg.d_model
+        if not isinstance(input, Tensor) or input.ndim != 3 or input.shape[-1] != d_model \
+                or not input.is_floating_point():
+            got = (f"shape {tuple(input.shape)}, dtype {input.dtype}"
+                   if isinstance(input, Tensor) else type(input).__name__)
+            raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, "
+                             f"d_model={d_model}] (floating point), got {got}")
+        if return_type in ("loss", "both") and stop is None and tokens is None:
+            raise ValueError(f"return_type={return_type!r} with start_at_layer needs the token "
+                             "ids: pass tokens=...")
+        if tokens is not None and tuple(tokens.shape) != tuple(input.shape[:2]):
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}, the residual stream "
+                             f"{tuple(input.shape[:2])} positions")
+        if self.cfg.positional_embedding_type == "shortformer":
+            if shortformer_pos_embed is None:
+                raise ValueError(
+                    "a shortformer model adds the positional embedding inside every attention "
+                    "layer: pass shortformer_pos_embed=cache['pos_embed'] with start_at_layer")
+            if shortformer_pos_embed.shape != input.shape:
+                raise ValueError(f"shortformer_pos_embed has shape "
+                                 f"{tuple(shortformer_pos_embed.shape)}, expected "
+                                 f"{tuple(input.shape)} like the residual stream")
+        elif shortformer_pos_embed is not None:
+            raise ValueError(f"shortformer_pos_embed is for shortformer models; this one's "
+                             f"positional_embedding_type is "
+                             f"{self.cfg.positional_embedding_type!r}")
+        return input.to(self.cfg.device), shortformer_pos_embed
 
     def _check_tokens(self, tokens: Any) -> Int[Tensor, "batch pos"]:
         if not isinstance(tokens, Tensor):
@@ -737,24 +836,64 @@ class HookedKVShiftTransformer(HookedRootModule):
     @torch.no_grad()
     def generate(
         self,
-        input: str | Int[Tensor, "batch pos"],
+        input: str | list[str] | Int[Tensor, "batch pos"] = "",
         max_new_tokens: int = 10,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = True,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
         use_past_kv_cache: bool = True,
-        generator: torch.Generator | None = None,
         prepend_bos: bool | None = None,
-    ) -> Int[Tensor, "batch pos_plus_new"] | str:
-        """Greedy or sampled continuation. With ``use_past_kv_cache`` each step feeds only the new
-        token and the cache (shifted K/V plus the raw K/V tail) supplies the rest; without it every
-        step recomputes the whole prefix. Returns token ids, or a string for string input."""
-        return generation.generate(self, input, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, use_past_kv_cache=use_past_kv_cache,
-                        generator=generator, prepend_bos=prepend_bos)
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        verbose: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
+        """Continue a prompt, as HookedTransformer's ``generate`` (same arguments and defaults:
+        it samples at temperature 1 unless told otherwise).
+
+        With ``use_past_kv_cache`` each step feeds only the new token and the cache (shifted K/V
+        plus the raw K/V tail the next shift mixes in) supplies the rest; without it every step
+        recomputes the whole prefix. Both give the same tokens.
+
+        Args:
+            input: a string, a list of strings that encode to the same length (the model has
+                no attention mask to hide padding), or token ids ``[batch, pos]``.
+            max_new_tokens: how many tokens to add.
+            stop_at_eos: stop a row at its EOS token (``eos_token_id``, else the tokenizer's; a
+                model with neither never stops early); finished rows keep emitting EOS, and
+                generation ends when every row has finished.
+            eos_token_id: the EOS id, or several.
+            do_sample: sample; False is greedy (argmax), and then temperature, top_k, top_p and
+                freq_penalty must keep their defaults.
+            top_k, top_p: restrict sampling to the k most likely tokens / the top-p nucleus.
+            temperature: divides the logits; 0 is greedy.
+            freq_penalty: subtracted from a token's logit per earlier occurrence (prompt
+                included).
+            use_past_kv_cache: decode incrementally.
+            prepend_bos, padding_side: as in :meth:`to_tokens`, for text input only.
+            return_type: "input" (text for text input, ids for ids), "str" or "tokens".
+            verbose: show a progress bar.
+            generator: the random generator for sampling (None: torch's global RNG).
+
+        Returns:
+            Token ids ``[batch, pos + new]`` (prompt included), or the text: one string for a
+            string (without the BOS token to_tokens put first), a list for a list.
+
+        Raises:
+            ValueError: a bad option (named), prompts of different lengths, or a sequence longer
+                than ``n_ctx`` with learned positions.
+        """
+        return generation.generate(
+            self, input, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k, top_p=top_p,
+            temperature=temperature, freq_penalty=freq_penalty,
+            use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
+            padding_side=padding_side, return_type=return_type, verbose=verbose,
+            generator=generator)
 
     def new_cache(self) -> KVShiftCache:
         return KVShiftCache.empty(self.cfg.n_layers)
