@@ -127,6 +127,20 @@ def _even_factors(
     return U * root[..., None, :], root[..., :, None] * Vh.transpose(-1, -2)
 
 
+def check_refactorable(cfg: KVShiftConfig) -> None:
+    """Raise ValueError unless :func:`refactor_factored_attn_matrices` can refactor this model
+    exactly (no rotary positions, no grouped-query attention)."""
+    if cfg.positional_embedding_type == "rotary":
+        raise ValueError(
+            "refactor_factored_attn_matrices cannot refactor the QK circuit of a rotary model: "
+            "W_Q W_K^T depends on the positions of the query and the key")
+    if cfg.n_key_value_heads != cfg.n_heads:
+        raise ValueError(
+            f"refactor_factored_attn_matrices does not support grouped-query attention "
+            f"(n_key_value_heads={cfg.n_key_value_heads} < n_heads={cfg.n_heads}): the query heads "
+            "of a group share one key and value head, so no single basis per head keeps them all")
+
+
 @torch.no_grad()
 def refactor_factored_attn_matrices(state_dict: State, cfg: KVShiftConfig) -> State:
     """Re-express every head's Q/K and V/O weights in the SVD basis of ``W_Q W_K^T`` and
@@ -153,15 +167,7 @@ def refactor_factored_attn_matrices(state_dict: State, cfg: KVShiftConfig) -> St
         ValueError: rotary models (the QK product depends on the positions) and grouped-query
             attention (query heads share a key head, so no per-head basis keeps them all).
     """
-    if cfg.positional_embedding_type == "rotary":
-        raise ValueError(
-            "refactor_factored_attn_matrices cannot refactor the QK circuit of a rotary model: "
-            "W_Q W_K^T depends on the positions of the query and the key")
-    if cfg.n_key_value_heads != cfg.n_heads:
-        raise ValueError(
-            f"refactor_factored_attn_matrices does not support grouped-query attention "
-            f"(n_key_value_heads={cfg.n_key_value_heads} < n_heads={cfg.n_heads}): the query heads "
-            "of a group share one key and value head, so no single basis per head keeps them all")
+    check_refactorable(cfg)
     state = dict(state_dict)
     for layer in range(cfg.n_layers):
         p = f"blocks.{layer}.attn."

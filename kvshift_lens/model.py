@@ -31,7 +31,15 @@ from kvshift_lens.checkpoint import check_state_dict, read_checkpoint, save_chec
 from kvshift_lens.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from kvshift_lens.components.attention import LayerKVCache
 from kvshift_lens.config import KVShiftConfig
-from kvshift_lens.processing import fold_layer_norm
+from kvshift_lens.hooked_transformer import (
+    check_refactorable,
+    get_act_name,
+    hooked_transformer_state_dict,
+)
+from kvshift_lens.hooked_transformer import (
+    refactor_factored_attn_matrices as refactor_state_dict,
+)
+from kvshift_lens.processing import _center_writer, fold_layer_norm
 from kvshift_lens.shift import init_coefficients, project_to_simplex
 from kvshift_lens.tokenizer import UNKNOWN_TOKEN, as_hf_tokenizer
 
@@ -123,7 +131,16 @@ def is_coefficient_hook(name: str) -> bool:
 class KVShiftActivationCache(ActivationCache):
     """TransformerLens' ActivationCache, except that :meth:`remove_batch_dim` leaves the
     coefficient hooks alone: they have no batch axis, and TransformerLens would squeeze the head
-    axis of a model with a single key/value head."""
+    axis of a model with a single key/value head; and short names know the shift's hooks:
+    ``cache["k_shifted", 0]``, ``cache["v_shifted", 0]``, ``cache["shift_k", 0]``
+    (:func:`kvshift_lens.hooked_transformer.get_act_name`)."""
+
+    def __getitem__(self, key) -> Tensor:
+        if isinstance(key, str) or key in self.cache_dict:
+            return super().__getitem__(key if key in self.cache_dict else get_act_name(key))
+        if len(key) > 1 and key[1] is not None and key[1] < 0:
+            key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+        return self.cache_dict[get_act_name(*key)]
 
     def remove_batch_dim(self, batch_size: int | None = None) -> ActivationCache:
         if not self.has_batch_dim:
@@ -754,6 +771,60 @@ class HookedKVShiftTransformer(HookedRootModule):
         return self._stack_attn("W_O")
 
     @property
+    def b_Q(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack_attn("b_Q")
+
+    @property
+    def b_K(self) -> Float[Tensor, "layer head d_head"]:
+        """Per query head (a grouped-query model's shared key biases repeated), as in TL."""
+        return self._stack_attn("b_K")
+
+    @property
+    def b_V(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack_attn("b_V")
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack_attn("b_O")
+
+    def _stack_mlp(self, name: str) -> Tensor:
+        if self.cfg.attn_only:
+            raise AttributeError(f"an attention-only model has no MLP, so no {name}")
+        if name == "W_gate" and not self.cfg.gated_mlp:
+            raise AttributeError("W_gate exists only with gated_mlp=True")
+        return torch.stack([getattr(b.mlp, name) for b in self.blocks])
+
+    @property
+    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack_mlp("W_in")
+
+    @property
+    def W_gate(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack_mlp("W_gate")
+
+    @property
+    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
+        return self._stack_mlp("W_out")
+
+    @property
+    def b_in(self) -> Float[Tensor, "layer d_mlp"]:
+        return self._stack_mlp("b_in")
+
+    @property
+    def b_out(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack_mlp("b_out")
+
+    @property
+    def W_E_pos(self) -> Float[Tensor, "d_vocab_plus_n_ctx d_model"]:
+        """``W_E`` and ``W_pos`` concatenated along the first axis, as in TL."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]``: one label per (layer, query head), layer-major."""
+        return [f"L{layer}H{head}" for layer in range(self.cfg.n_layers)
+                for head in range(self.cfg.n_heads)]
+
+    @property
     def QK(self):
         from transformer_lens.FactoredMatrix import FactoredMatrix
 
@@ -912,6 +983,159 @@ class HookedKVShiftTransformer(HookedRootModule):
                         center_unembed=center_unembed)
         return self
 
+    def refactor_factored_attn_matrices(
+        self, state_dict: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """HookedTransformer's refactoring of each head's ``W_Q W_K^T`` and ``W_V W_O`` into an
+        even SVD factorisation, exact under the shift (the model's logits do not change).
+
+        Unlike TransformerLens, ``b_V`` is not folded into ``b_O`` (not exact under the shift);
+        it is re-expressed so that ``b_V' W_O' = b_V W_O``. See
+        :func:`kvshift_lens.hooked_transformer.refactor_factored_attn_matrices`.
+
+        Args:
+            state_dict: a state dict of this model (default: ``self.state_dict()``); not
+                modified. To change the model in place, use
+                ``process_weights_(refactor_factored_attn_matrices=True)``.
+
+        Returns:
+            The refactored state dict.
+
+        Raises:
+            ValueError: rotary positions or grouped-query attention.
+        """
+        state = self.state_dict() if state_dict is None else state_dict
+        return refactor_state_dict({k: v.detach() for k, v in state.items()}, self.cfg)
+
+    @torch.no_grad()
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> HookedKVShiftTransformer:
+        """HookedTransformer's ``process_weights_``, in place, keeping every log-prob.
+
+        Args:
+            fold_ln: fold the norms' weights into the weights that read them
+                (:meth:`fold_layer_norm_`).
+            center_writing_weights: remove the mean over d_model of every weight writing to the
+                residual stream (LayerNorm models only; exact because every reader centres).
+            center_unembed: remove the mean over d_vocab of ``W_U`` and ``b_U``.
+            fold_value_biases: must be False: under the shift the value bias reaching position
+                t is ``(beta1 + beta2) * b_V`` except at position 0, so no fold into ``b_O`` is
+                exact.
+            refactor_factored_attn_matrices: then refactor Q/K and V/O
+                (:meth:`refactor_factored_attn_matrices`).
+
+        Returns:
+            The model.
+
+        Raises:
+            ValueError: ``fold_value_biases=True``, or a refactoring the model cannot take (before
+                anything changes).
+        """
+        if fold_value_biases:
+            raise ValueError(
+                "fold_value_biases=True is not exact under the KV shift: the value at position t "
+                "is sum_l beta_l V_{t-l}, whose bias is (sum_l beta_l) * b_V except near the start "
+                "of the sequence (positions before it contribute zero), so moving b_V into b_O "
+                "changes the outputs. Pass fold_value_biases=False")
+        if refactor_factored_attn_matrices:
+            check_refactorable(self.cfg)  # fail before changing anything
+        if fold_ln:
+            fold_layer_norm(self, center_writing_weights=center_writing_weights,
+                            center_unembed=center_unembed)
+        elif center_writing_weights or center_unembed:
+            self._center_weights(center_writing_weights, center_unembed)
+        if refactor_factored_attn_matrices:
+            self.load_state_dict(self.refactor_factored_attn_matrices())
+        return self
+
+    def _center_weights(self, center_writing_weights: bool, center_unembed: bool) -> None:
+        """The centring steps of :func:`~kvshift_lens.processing.fold_layer_norm`, without the
+        fold (writing weights only for LayerNorm models, whose every reader removes the mean)."""
+        cfg = self.cfg
+        if center_unembed and cfg.tie_word_embeddings:
+            raise ValueError("center_unembed on a tied unembedding would change W_E too; fold "
+                             "first (fold_ln=True unties it) or pass center_unembed=False")
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        if center_writing_weights and cfg.normalization_type in ("LN", "LNPre"):
+            _center_writer(state, "embed.W_E", None, cfg.d_model)
+            if cfg.positional_embedding_type == "standard":
+                _center_writer(state, "pos_embed.W_pos", None, cfg.d_model)
+            for layer in range(cfg.n_layers):
+                p = f"blocks.{layer}."
+                _center_writer(state, p + "attn.W_O", p + "attn.b_O", cfg.d_model)
+                if not cfg.attn_only:
+                    _center_writer(state, p + "mlp.W_out", p + "mlp.b_out", cfg.d_model)
+        if center_unembed:
+            state["unembed.W_U"] = state["unembed.W_U"] - state["unembed.W_U"].mean(-1, keepdim=True)
+            state["unembed.b_U"] = state["unembed.b_U"] - state["unembed.b_U"].mean()
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ HookedTransformer weights
+    @torch.no_grad()
+    def load_hooked_transformer_state_dict(
+        self, state_dict: dict[str, Tensor], keep_shift: bool = False
+    ) -> HookedKVShiftTransformer:
+        """Load a state dict in HookedTransformer's format, accepting exactly its differences.
+
+        A HookedTransformer's state dict holds attention buffers this model does not keep
+        (``blocks.{l}.attn.mask``, ``IGNORE``, ``rotary_sin``, ``rotary_cos``) and no shift
+        coefficients. Those are the only differences allowed: every other key must match (names
+        and shapes), as with a strict ``load_state_dict``.
+
+        Args:
+            state_dict: the HookedTransformer state dict (its mask must be causal).
+            keep_shift: keep this model's current shift coefficients. False (default) sets
+                them to the identity (lag 0 weight 1, the others 0), so the model computes
+                exactly what the HookedTransformer did.
+
+        Returns:
+            The model.
+
+        Raises:
+            ValueError: a non-causal mask, or any other key missing, unexpected or of the wrong
+                shape (named).
+        """
+        state, missing = hooked_transformer_state_dict(state_dict, self.cfg,
+                                                       list(self.state_dict()))
+        own = self.state_dict()
+        wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+                 for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(f"state dict shapes do not match the model: {wrong}")
+        for key in missing:
+            value = own[key] if keep_shift else torch.zeros_like(own[key])
+            if not keep_shift:
+                value[..., 0] = 1  # identity: [head, lag] with weight 1 on lag 0
+            state[key] = value.clone()
+        self.load_state_dict(state)
+        return self
+
+    @classmethod
+    def from_hooked_transformer_state_dict(
+        cls,
+        state_dict: dict[str, Tensor],
+        cfg: KVShiftConfig | dict,
+        tokenizer: Any = None,
+    ) -> HookedKVShiftTransformer:
+        """A model with a HookedTransformer's weights and identity shift coefficients, so it
+        computes what that HookedTransformer computed (see
+        :meth:`load_hooked_transformer_state_dict`); ``cfg`` chooses which projections are
+        shifted (training can then move the coefficients). In eval mode.
+
+        Args:
+            state_dict: the HookedTransformer state dict.
+            cfg: this model's config (sizes as the HookedTransformer's).
+            tokenizer: as for the constructor.
+        """
+        model = cls(cfg, tokenizer=tokenizer)
+        return model.load_hooked_transformer_state_dict(state_dict).eval()
+
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the model to a checkpoint folder (``config.json`` + ``model.safetensors`` and the
@@ -953,6 +1177,8 @@ def lm_cross_entropy(
     """Next-token cross entropy: position t predicts token t + 1."""
     if tokens.shape[1] < 2:
         raise ValueError("a loss needs at least 2 positions (position t predicts token t + 1)")
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    logits = logits[:, :-1]
+    # Half-precision logits are upcast; float64 stays float64.
+    logprobs = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
     return nll if per_token else nll.mean()
