@@ -31,7 +31,15 @@ from kvshift_lens.checkpoint import check_state_dict, read_checkpoint, save_chec
 from kvshift_lens.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from kvshift_lens.components.attention import LayerKVCache
 from kvshift_lens.config import KVShiftConfig
-from kvshift_lens.processing import fold_layer_norm
+from kvshift_lens.hooked_transformer import (
+    check_refactorable,
+    get_act_name,
+    hooked_transformer_state_dict,
+)
+from kvshift_lens.hooked_transformer import (
+    refactor_factored_attn_matrices as refactor_state_dict,
+)
+from kvshift_lens.processing import _center_writer, fold_layer_norm
 from kvshift_lens.shift import init_coefficients, project_to_simplex
 from kvshift_lens.tokenizer import UNKNOWN_TOKEN, as_hf_tokenizer
 
@@ -123,7 +131,16 @@ def is_coefficient_hook(name: str) -> bool:
 class KVShiftActivationCache(ActivationCache):
     """TransformerLens' ActivationCache, except that :meth:`remove_batch_dim` leaves the
     coefficient hooks alone: they have no batch axis, and TransformerLens would squeeze the head
-    axis of a model with a single key/value head."""
+    axis of a model with a single key/value head; and short names know the shift's hooks:
+    ``cache["k_shifted", 0]``, ``cache["v_shifted", 0]``, ``cache["shift_k", 0]``
+    (:func:`kvshift_lens.hooked_transformer.get_act_name`)."""
+
+    def __getitem__(self, key) -> Tensor:
+        if isinstance(key, str) or key in self.cache_dict:
+            return super().__getitem__(key if key in self.cache_dict else get_act_name(key))
+        if len(key) > 1 and key[1] is not None and key[1] < 0:
+            key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+        return self.cache_dict[get_act_name(*key)]
 
     def remove_batch_dim(self, batch_size: int | None = None) -> ActivationCache:
         if not self.has_batch_dim:
@@ -146,7 +163,8 @@ class HookedKVShiftTransformer(HookedRootModule):
             ``transformers.PreTrainedTokenizerFast``, see
             :func:`~kvshift_lens.tokenizer.as_hf_tokenizer`) or ``transformers`` tokenizer (held
             as it is); models on integer tokens need none.
-        generator: a ``torch.Generator`` for the initial weights (None: torch's global RNG).
+        generator: a ``torch.Generator`` for the initial weights (None: one seeded with
+            ``cfg.seed`` when the config sets it, else torch's global RNG).
     """
 
     def __init__(
@@ -178,6 +196,8 @@ class HookedKVShiftTransformer(HookedRootModule):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
         self.ln_final = make_norm(cfg)
         self.unembed = Unembed(cfg, self.embed)
+        if generator is None and cfg.seed is not None:
+            generator = torch.Generator().manual_seed(cfg.seed)
         self.init_weights(generator)
         self.setup()
         self.to(cfg.device)
@@ -263,56 +283,152 @@ class HookedKVShiftTransformer(HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"],
+        input: str | list[str] | Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+        | Float[Tensor, "batch pos d_model"],
         return_type: ReturnType = "logits",
         loss_per_token: bool = False,
         prepend_bos: bool | None = None,
         past_kv_cache: KVShiftCache | None = None,
         stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        shortformer_pos_embed: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> Any:
         """Run the model.
 
         Args:
             input: token ids ``[batch, pos]`` (or ``[pos]``), or text when the model has a
-                tokenizer.
+                tokenizer; with ``start_at_layer``, the residual stream before that block
+                ``[batch, pos, d_model]``.
             return_type: "logits" ``[batch, pos, d_vocab]``, "loss" (mean next-token cross
                 entropy, or ``[batch, pos - 1]`` with ``loss_per_token``), "both" (logits, loss),
                 or None.
             past_kv_cache: incremental-decoding state, extended in place.
             stop_at_layer: return the residual stream before this block (no unembedding).
+            start_at_layer: run blocks ``start_at_layer:stop_at_layer`` only, on ``input`` as the
+                residual stream before block ``start_at_layer`` (as HookedTransformer; negative
+                indices count from the end). The embedding hooks do not fire.
+            tokens: with ``start_at_layer``, the token ids ``[batch, pos]`` the loss is computed
+                on (needed for return_type "loss" / "both").
+            shortformer_pos_embed: with ``start_at_layer`` on a shortformer model, the positional
+                embedding ``[batch, pos, d_model]`` the attention layers add to their queries and
+                keys (``cache["pos_embed"]``); required there, refused elsewhere.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(
                 f"return_type={return_type!r} is not one of ['logits', 'loss', 'both', None]"
             )
-        is_text = isinstance(input, str) or (
-            isinstance(input, list) and all(isinstance(t, str) for t in input))
-        tokens = self.to_tokens(input, prepend_bos=prepend_bos) if is_text else \
-            self._check_tokens(input)
-        offset = 0
-        if past_kv_cache is not None:
-            past_kv_cache.check_fits(tokens, self.cfg.n_layers)
-            offset = past_kv_cache.length
-        self._check_length(tokens.shape[1] + offset)
-        residual = self.hook_embed(self.embed(tokens))
-        shortformer = None
-        if self.cfg.positional_embedding_type == "standard":
-            residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
-        elif self.cfg.positional_embedding_type == "shortformer":
-            shortformer = self.hook_pos_embed(self.pos_embed(tokens, offset))
-        layers = self.blocks if stop_at_layer is None else self.blocks[:stop_at_layer]
-        for i, block in enumerate(layers):
+        start = self._layer_index("start_at_layer", start_at_layer)
+        stop = self._layer_index("stop_at_layer", stop_at_layer)
+        if start is None:
+            if tokens is not None or shortformer_pos_embed is not None:
+                raise ValueError("tokens= and shortformer_pos_embed= go with start_at_layer (the "
+                                 "input is then a residual stream); pass the tokens as input")
+            is_text = isinstance(input, str) or (
+                isinstance(input, list) and all(isinstance(t, str) for t in input))
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos) if is_text else \
+                self._check_tokens(input)
+            offset = 0
+            if past_kv_cache is not None:
+                past_kv_cache.check_fits(tokens, self.cfg.n_layers)
+                offset = past_kv_cache.length
+            self._check_length(tokens.shape[1] + offset)
+            residual = self.hook_embed(self.embed(tokens))
+            shortformer = None
+            if self.cfg.positional_embedding_type == "standard":
+                residual = residual + self.hook_pos_embed(self.pos_embed(tokens, offset))
+            elif self.cfg.positional_embedding_type == "shortformer":
+                shortformer = self.hook_pos_embed(self.pos_embed(tokens, offset))
+            layers = range(self.cfg.n_layers if stop is None else stop)
+        else:
+            residual, shortformer = self._check_residual_input(
+                input, past_kv_cache, prepend_bos, tokens, shortformer_pos_embed, return_type,
+                stop)
+            layers = range(start, self.cfg.n_layers if stop is None else stop)
+            if tokens is not None:
+                tokens = self._check_tokens(tokens)
+        for i in layers:
             layer_cache = None if past_kv_cache is None else past_kv_cache.layers[i]
-            residual = block(residual, shortformer, cache=layer_cache)
-        if stop_at_layer is not None:
+            residual = self.blocks[i](residual, shortformer, cache=layer_cache)
+        if stop is not None:
             return residual
         if return_type is None:
             return None
         logits = self.unembed(self.ln_final(residual))
         if return_type == "logits":
             return logits
-        loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+        loss = self.loss_fn(logits, tokens, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def loss_fn(
+        self,
+        logits: Float[Tensor, "batch pos d_vocab"],
+        tokens: Int[Tensor, "batch pos"],
+        per_token: bool = False,
+    ) -> Float[Tensor, ""] | Float[Tensor, "batch pos_minus_1"]:
+        """Next-token cross entropy, as HookedTransformer's ``loss_fn``: position t predicts
+        token t + 1.
+
+        Args:
+            logits: the model's logits.
+            tokens: the token ids they were computed on.
+            per_token: return the loss at each position ``[batch, pos - 1]`` instead of the mean.
+
+        Returns:
+            The mean loss (a scalar), or the per-token losses.
+        """
+        if logits.ndim != 3 or tokens.ndim != 2 or logits.shape[:2] != tokens.shape:
+            raise ValueError(f"loss_fn takes logits [batch, pos, d_vocab] and tokens [batch, pos] "
+                             f"of the same batch and pos, got {tuple(logits.shape)} and "
+                             f"{tuple(tokens.shape)}")
+        return lm_cross_entropy(logits, tokens.to(logits.device), per_token=per_token)
+
+    def _layer_index(self, name: str, value: int | None) -> int | None:
+        """A block index for start_at_layer / stop_at_layer in [0, n_layers] (negative values
+        count from the end, as Python slices)."""
+        if value is None:
+            return None
+        n = self.cfg.n_layers
+        if isinstance(value, bool) or not isinstance(value, int) or not -n <= value <= n:
+            raise ValueError(f"{name}={value!r} must be an int in [-{n}, {n}] "
+                             f"(n_layers={n})")
+        return value + n if value < 0 else value
+
+    def _check_residual_input(self, input: Any, past_kv_cache: KVShiftCache | None,
+                              prepend_bos: bool | None, tokens: Tensor | None,
+                              shortformer_pos_embed: Tensor | None, return_type: ReturnType,
+                              stop: int | None) -> tuple[Tensor, Tensor | None]:
+        """Validate the arguments of a forward pass that starts inside the model."""
+        if past_kv_cache is not None or prepend_bos is not None:
+            raise ValueError("start_at_layer takes a residual stream: past_kv_cache and "
+                             "prepend_bos are not supported with it")
+        d_model = self.cfg.d_model
+        if not isinstance(input, Tensor) or input.ndim != 3 or input.shape[-1] != d_model \
+                or not input.is_floating_point():
+            got = (f"shape {tuple(input.shape)}, dtype {input.dtype}"
+                   if isinstance(input, Tensor) else type(input).__name__)
+            raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, "
+                             f"d_model={d_model}] (floating point), got {got}")
+        if return_type in ("loss", "both") and stop is None and tokens is None:
+            raise ValueError(f"return_type={return_type!r} with start_at_layer needs the token "
+                             "ids: pass tokens=...")
+        if tokens is not None and tuple(tokens.shape) != tuple(input.shape[:2]):
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}, the residual stream "
+                             f"{tuple(input.shape[:2])} positions")
+        if self.cfg.positional_embedding_type == "shortformer":
+            if shortformer_pos_embed is None:
+                raise ValueError(
+                    "a shortformer model adds the positional embedding inside every attention "
+                    "layer: pass shortformer_pos_embed=cache['pos_embed'] with start_at_layer")
+            if shortformer_pos_embed.shape != input.shape:
+                raise ValueError(f"shortformer_pos_embed has shape "
+                                 f"{tuple(shortformer_pos_embed.shape)}, expected "
+                                 f"{tuple(input.shape)} like the residual stream")
+        elif shortformer_pos_embed is not None:
+            raise ValueError(f"shortformer_pos_embed is for shortformer models; this one's "
+                             f"positional_embedding_type is "
+                             f"{self.cfg.positional_embedding_type!r}")
+        return input.to(self.cfg.device), shortformer_pos_embed
 
     def _check_tokens(self, tokens: Any) -> Int[Tensor, "batch pos"]:
         if not isinstance(tokens, Tensor):
@@ -655,6 +771,60 @@ class HookedKVShiftTransformer(HookedRootModule):
         return self._stack_attn("W_O")
 
     @property
+    def b_Q(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack_attn("b_Q")
+
+    @property
+    def b_K(self) -> Float[Tensor, "layer head d_head"]:
+        """Per query head (a grouped-query model's shared key biases repeated), as in TL."""
+        return self._stack_attn("b_K")
+
+    @property
+    def b_V(self) -> Float[Tensor, "layer head d_head"]:
+        return self._stack_attn("b_V")
+
+    @property
+    def b_O(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack_attn("b_O")
+
+    def _stack_mlp(self, name: str) -> Tensor:
+        if self.cfg.attn_only:
+            raise AttributeError(f"an attention-only model has no MLP, so no {name}")
+        if name == "W_gate" and not self.cfg.gated_mlp:
+            raise AttributeError("W_gate exists only with gated_mlp=True")
+        return torch.stack([getattr(b.mlp, name) for b in self.blocks])
+
+    @property
+    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack_mlp("W_in")
+
+    @property
+    def W_gate(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack_mlp("W_gate")
+
+    @property
+    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
+        return self._stack_mlp("W_out")
+
+    @property
+    def b_in(self) -> Float[Tensor, "layer d_mlp"]:
+        return self._stack_mlp("b_in")
+
+    @property
+    def b_out(self) -> Float[Tensor, "layer d_model"]:
+        return self._stack_mlp("b_out")
+
+    @property
+    def W_E_pos(self) -> Float[Tensor, "d_vocab_plus_n_ctx d_model"]:
+        """``W_E`` and ``W_pos`` concatenated along the first axis, as in TL."""
+        return torch.cat([self.W_E, self.W_pos], dim=0)
+
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]``: one label per (layer, query head), layer-major."""
+        return [f"L{layer}H{head}" for layer in range(self.cfg.n_layers)
+                for head in range(self.cfg.n_heads)]
+
+    @property
     def QK(self):
         from transformer_lens.FactoredMatrix import FactoredMatrix
 
@@ -737,24 +907,64 @@ class HookedKVShiftTransformer(HookedRootModule):
     @torch.no_grad()
     def generate(
         self,
-        input: str | Int[Tensor, "batch pos"],
+        input: str | list[str] | Int[Tensor, "batch pos"] = "",
         max_new_tokens: int = 10,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        do_sample: bool = True,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | None = None,
+        temperature: float = 1.0,
+        freq_penalty: float = 0.0,
         use_past_kv_cache: bool = True,
-        generator: torch.Generator | None = None,
         prepend_bos: bool | None = None,
-    ) -> Int[Tensor, "batch pos_plus_new"] | str:
-        """Greedy or sampled continuation. With ``use_past_kv_cache`` each step feeds only the new
-        token and the cache (shifted K/V plus the raw K/V tail) supplies the rest; without it every
-        step recomputes the whole prefix. Returns token ids, or a string for string input."""
-        return generation.generate(self, input, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token_id=eos_token_id, use_past_kv_cache=use_past_kv_cache,
-                        generator=generator, prepend_bos=prepend_bos)
+        padding_side: Literal["left", "right"] | None = None,
+        return_type: Literal["input", "str", "tokens"] = "input",
+        verbose: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Int[Tensor, "batch pos_plus_new"] | str | list[str]:
+        """Continue a prompt, as HookedTransformer's ``generate`` (same arguments and defaults:
+        it samples at temperature 1 unless told otherwise).
+
+        With ``use_past_kv_cache`` each step feeds only the new token and the cache (shifted K/V
+        plus the raw K/V tail the next shift mixes in) supplies the rest; without it every step
+        recomputes the whole prefix. Both give the same tokens.
+
+        Args:
+            input: a string, a list of strings that encode to the same length (the model has
+                no attention mask to hide padding), or token ids ``[batch, pos]``.
+            max_new_tokens: how many tokens to add.
+            stop_at_eos: stop a row at its EOS token (``eos_token_id``, else the tokenizer's; a
+                model with neither never stops early); finished rows keep emitting EOS, and
+                generation ends when every row has finished.
+            eos_token_id: the EOS id, or several.
+            do_sample: sample; False is greedy (argmax), and then temperature, top_k, top_p and
+                freq_penalty must keep their defaults.
+            top_k, top_p: restrict sampling to the k most likely tokens / the top-p nucleus.
+            temperature: divides the logits; 0 is greedy.
+            freq_penalty: subtracted from a token's logit per earlier occurrence (prompt
+                included).
+            use_past_kv_cache: decode incrementally.
+            prepend_bos, padding_side: as in :meth:`to_tokens`, for text input only.
+            return_type: "input" (text for text input, ids for ids), "str" or "tokens".
+            verbose: show a progress bar.
+            generator: the random generator for sampling (None: torch's global RNG).
+
+        Returns:
+            Token ids ``[batch, pos + new]`` (prompt included), or the text: one string for a
+            string (without the BOS token to_tokens put first), a list for a list.
+
+        Raises:
+            ValueError: a bad option (named), prompts of different lengths, or a sequence longer
+                than ``n_ctx`` with learned positions.
+        """
+        return generation.generate(
+            self, input, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id, do_sample=do_sample, top_k=top_k, top_p=top_p,
+            temperature=temperature, freq_penalty=freq_penalty,
+            use_past_kv_cache=use_past_kv_cache, prepend_bos=prepend_bos,
+            padding_side=padding_side, return_type=return_type, verbose=verbose,
+            generator=generator)
 
     def new_cache(self) -> KVShiftCache:
         return KVShiftCache.empty(self.cfg.n_layers)
@@ -772,6 +982,159 @@ class HookedKVShiftTransformer(HookedRootModule):
         fold_layer_norm(self, center_writing_weights=center_writing_weights,
                         center_unembed=center_unembed)
         return self
+
+    def refactor_factored_attn_matrices(
+        self, state_dict: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """HookedTransformer's refactoring of each head's ``W_Q W_K^T`` and ``W_V W_O`` into an
+        even SVD factorisation, exact under the shift (the model's logits do not change).
+
+        Unlike TransformerLens, ``b_V`` is not folded into ``b_O`` (not exact under the shift);
+        it is re-expressed so that ``b_V' W_O' = b_V W_O``. See
+        :func:`kvshift_lens.hooked_transformer.refactor_factored_attn_matrices`.
+
+        Args:
+            state_dict: a state dict of this model (default: ``self.state_dict()``); not
+                modified. To change the model in place, use
+                ``process_weights_(refactor_factored_attn_matrices=True)``.
+
+        Returns:
+            The refactored state dict.
+
+        Raises:
+            ValueError: rotary positions or grouped-query attention.
+        """
+        state = self.state_dict() if state_dict is None else state_dict
+        return refactor_state_dict({k: v.detach() for k, v in state.items()}, self.cfg)
+
+    @torch.no_grad()
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool = True,
+        center_unembed: bool = True,
+        fold_value_biases: bool = False,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> HookedKVShiftTransformer:
+        """HookedTransformer's ``process_weights_``, in place, keeping every log-prob.
+
+        Args:
+            fold_ln: fold the norms' weights into the weights that read them
+                (:meth:`fold_layer_norm_`).
+            center_writing_weights: remove the mean over d_model of every weight writing to the
+                residual stream (LayerNorm models only; exact because every reader centres).
+            center_unembed: remove the mean over d_vocab of ``W_U`` and ``b_U``.
+            fold_value_biases: must be False: under the shift the value bias reaching position
+                t is ``(beta1 + beta2) * b_V`` except at position 0, so no fold into ``b_O`` is
+                exact.
+            refactor_factored_attn_matrices: then refactor Q/K and V/O
+                (:meth:`refactor_factored_attn_matrices`).
+
+        Returns:
+            The model.
+
+        Raises:
+            ValueError: ``fold_value_biases=True``, or a refactoring the model cannot take (before
+                anything changes).
+        """
+        if fold_value_biases:
+            raise ValueError(
+                "fold_value_biases=True is not exact under the KV shift: the value at position t "
+                "is sum_l beta_l V_{t-l}, whose bias is (sum_l beta_l) * b_V except near the start "
+                "of the sequence (positions before it contribute zero), so moving b_V into b_O "
+                "changes the outputs. Pass fold_value_biases=False")
+        if refactor_factored_attn_matrices:
+            check_refactorable(self.cfg)  # fail before changing anything
+        if fold_ln:
+            fold_layer_norm(self, center_writing_weights=center_writing_weights,
+                            center_unembed=center_unembed)
+        elif center_writing_weights or center_unembed:
+            self._center_weights(center_writing_weights, center_unembed)
+        if refactor_factored_attn_matrices:
+            self.load_state_dict(self.refactor_factored_attn_matrices())
+        return self
+
+    def _center_weights(self, center_writing_weights: bool, center_unembed: bool) -> None:
+        """The centring steps of :func:`~kvshift_lens.processing.fold_layer_norm`, without the
+        fold (writing weights only for LayerNorm models, whose every reader removes the mean)."""
+        cfg = self.cfg
+        if center_unembed and cfg.tie_word_embeddings:
+            raise ValueError("center_unembed on a tied unembedding would change W_E too; fold "
+                             "first (fold_ln=True unties it) or pass center_unembed=False")
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        if center_writing_weights and cfg.normalization_type in ("LN", "LNPre"):
+            _center_writer(state, "embed.W_E", None, cfg.d_model)
+            if cfg.positional_embedding_type == "standard":
+                _center_writer(state, "pos_embed.W_pos", None, cfg.d_model)
+            for layer in range(cfg.n_layers):
+                p = f"blocks.{layer}."
+                _center_writer(state, p + "attn.W_O", p + "attn.b_O", cfg.d_model)
+                if not cfg.attn_only:
+                    _center_writer(state, p + "mlp.W_out", p + "mlp.b_out", cfg.d_model)
+        if center_unembed:
+            state["unembed.W_U"] = state["unembed.W_U"] - state["unembed.W_U"].mean(-1, keepdim=True)
+            state["unembed.b_U"] = state["unembed.b_U"] - state["unembed.b_U"].mean()
+        self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ HookedTransformer weights
+    @torch.no_grad()
+    def load_hooked_transformer_state_dict(
+        self, state_dict: dict[str, Tensor], keep_shift: bool = False
+    ) -> HookedKVShiftTransformer:
+        """Load a state dict in HookedTransformer's format, accepting exactly its differences.
+
+        A HookedTransformer's state dict holds attention buffers this model does not keep
+        (``blocks.{l}.attn.mask``, ``IGNORE``, ``rotary_sin``, ``rotary_cos``) and no shift
+        coefficients. Those are the only differences allowed: every other key must match (names
+        and shapes), as with a strict ``load_state_dict``.
+
+        Args:
+            state_dict: the HookedTransformer state dict (its mask must be causal).
+            keep_shift: keep this model's current shift coefficients. False (default) sets
+                them to the identity (lag 0 weight 1, the others 0), so the model computes
+                exactly what the HookedTransformer did.
+
+        Returns:
+            The model.
+
+        Raises:
+            ValueError: a non-causal mask, or any other key missing, unexpected or of the wrong
+                shape (named).
+        """
+        state, missing = hooked_transformer_state_dict(state_dict, self.cfg,
+                                                       list(self.state_dict()))
+        own = self.state_dict()
+        wrong = [f"{k}: {tuple(v.shape)} (expected {tuple(own[k].shape)})"
+                 for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise ValueError(f"state dict shapes do not match the model: {wrong}")
+        for key in missing:
+            value = own[key] if keep_shift else torch.zeros_like(own[key])
+            if not keep_shift:
+                value[..., 0] = 1  # identity: [head, lag] with weight 1 on lag 0
+            state[key] = value.clone()
+        self.load_state_dict(state)
+        return self
+
+    @classmethod
+    def from_hooked_transformer_state_dict(
+        cls,
+        state_dict: dict[str, Tensor],
+        cfg: KVShiftConfig | dict,
+        tokenizer: Any = None,
+    ) -> HookedKVShiftTransformer:
+        """A model with a HookedTransformer's weights and identity shift coefficients, so it
+        computes what that HookedTransformer computed (see
+        :meth:`load_hooked_transformer_state_dict`); ``cfg`` chooses which projections are
+        shifted (training can then move the coefficients). In eval mode.
+
+        Args:
+            state_dict: the HookedTransformer state dict.
+            cfg: this model's config (sizes as the HookedTransformer's).
+            tokenizer: as for the constructor.
+        """
+        model = cls(cfg, tokenizer=tokenizer)
+        return model.load_hooked_transformer_state_dict(state_dict).eval()
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -814,6 +1177,8 @@ def lm_cross_entropy(
     """Next-token cross entropy: position t predicts token t + 1."""
     if tokens.shape[1] < 2:
         raise ValueError("a loss needs at least 2 positions (position t predicts token t + 1)")
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    logits = logits[:, :-1]
+    # Half-precision logits are upcast; float64 stays float64.
+    logprobs = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
     nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
     return nll if per_token else nll.mean()

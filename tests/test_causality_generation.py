@@ -51,8 +51,8 @@ GEN_CASES = [
 def test_cached_greedy_generation_equals_recomputation(overrides):
     model = build(n_ctx=24, **overrides)
     prompt = torch.randint(0, model.cfg.d_vocab, (3, 5), generator=torch.Generator().manual_seed(2))
-    cached = model.generate(prompt, max_new_tokens=15, use_past_kv_cache=True)
-    full = model.generate(prompt, max_new_tokens=15, use_past_kv_cache=False)
+    cached = model.generate(prompt, max_new_tokens=15, use_past_kv_cache=True, do_sample=False)
+    full = model.generate(prompt, max_new_tokens=15, use_past_kv_cache=False, do_sample=False)
     assert torch.equal(cached, full)
     assert cached.shape == (3, 20) and torch.equal(cached[:, :5], prompt)
     # The logits of the cached path equal a full forward pass at every position.
@@ -93,25 +93,27 @@ def test_sample_next_respects_top_k_and_top_p():
     draws = {int(sample_next(logits, True, top_p=0.5, generator=g)) for _ in range(100)}
     assert draws == {0}
     assert int(sample_next(logits, False)) == 0
-    with pytest.raises(ValueError, match="temperature=0"):
-        sample_next(logits, True, temperature=0)
+    assert int(sample_next(logits, True, temperature=0)) == 0  # temperature 0 is greedy
+    with pytest.raises(ValueError, match="temperature=-1"):
+        sample_next(logits, True, temperature=-1)
 
 
 def test_generation_stops_at_n_ctx_with_learned_positions():
     model = build(n_ctx=8)
     with pytest.raises(ValueError, match="exceeds n_ctx=8"):
-        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=10)
+        model.generate(torch.zeros(1, 4, dtype=torch.long), max_new_tokens=10,
+                       do_sample=False)
 
 
 def test_eos_rows_keep_emitting_eos_and_text_roundtrip():
     model = HookedKVShiftTransformer(tiny_config(d_vocab=257, n_ctx=32),
                                      tokenizer=byte_level_tokenizer())
     randomize(model)
-    out = model.generate("ab", max_new_tokens=5)
+    out = model.generate("ab", max_new_tokens=5, do_sample=False)
     assert isinstance(out, str) and out.startswith("ab")
     prompt = torch.tensor([[1, 2, 3]])
-    greedy = model.generate(prompt, max_new_tokens=6)
+    greedy = model.generate(prompt, max_new_tokens=6, do_sample=False)
     eos = int(greedy[0, 4])  # force "EOS" to be the 2nd generated token
-    stopped = model.generate(prompt, max_new_tokens=6, eos_token_id=eos)
+    stopped = model.generate(prompt, max_new_tokens=6, eos_token_id=eos, do_sample=False)
     first = int((stopped[0, 3:] == eos).nonzero()[0])
     assert torch.all(stopped[0, 3 + first :] == eos)

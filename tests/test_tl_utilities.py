@@ -775,3 +775,49 @@ def test_test_prompt_runs_unchanged(capsys):
     assert f"Ranks of the answer tokens: [('c', {rank})]" in " ".join(out.split())
     top = int(probs.argmax())
     assert f"Token: |{model.to_string(torch.tensor(top))}|" in out
+
+
+# ================================================================== what differs under the shift
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_patching_hook_v_moves_shifted_values_at_j_to_j_plus_w(window):
+    """Patching hook_v at position j changes V' at j..j+w (README, "Coming from TransformerLens
+    3"); patching hook_v_shifted changes it at j alone."""
+    model = make(shift_window=window, dtype="float64")
+    tokens = tokens_for(model)
+    clean = tokens_for(model, seed=5)
+    _, clean_cache = model.run_with_cache(clean)
+    j = 3
+
+    def changed_positions(name):
+        def patch(v, hook):
+            v = v.clone()
+            v[:, j] = clean_cache[name][:, j]
+            return v
+        _, base = model.run_with_cache(tokens)
+        with model.hooks(fwd_hooks=[(name, patch)]):
+            _, patched = model.run_with_cache(tokens)
+        diff = (patched["v_shifted", 0] - base["v_shifted", 0]).abs().amax(dim=(0, 2, 3))
+        return [int(p) for p in (diff > 1e-12).nonzero().flatten()]
+
+    assert changed_positions("blocks.0.attn.hook_v") == list(range(j, j + window + 1))
+    assert changed_positions("blocks.0.attn.hook_v_shifted") == [j]
+
+
+def test_pattern_is_softmax_of_shifted_queries_and_keys():
+    model = make(shift_q=True, dtype="float64")
+    _, cache = model.run_with_cache(tokens_for(model))
+    d_head = model.cfg.d_head
+    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+
+    def softmax_scores(q, k):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / d_head**0.5
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+    for layer in range(N_LAYERS):
+        pattern = cache["pattern", layer]
+        shifted = softmax_scores(cache["q_shifted", layer], cache["k_shifted", layer])
+        assert_close(shifted, pattern, atol=1e-12, rtol=1e-12)
+        raw = softmax_scores(cache["q", layer], cache["k", layer])
+        assert (raw - pattern).abs().max() > 1e-3

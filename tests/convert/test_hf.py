@@ -135,7 +135,7 @@ def test_greedy_generation_matches_hf(arch):
     hf = hf_model(arch)
     toks = tokens(batch=3, pos=8, seed=2)
     model = from_hf(hf, shift=("k", "v"))
-    ours = model.generate(toks, max_new_tokens=10)  # incremental KV-shift cache
+    ours = model.generate(toks, max_new_tokens=10, do_sample=False)  # incremental KV-shift cache
     theirs = hf_greedy(hf, toks, 10)
     assert ours.shape == theirs.shape == (3, 18)
     assert torch.equal(ours, theirs)
@@ -145,9 +145,10 @@ def test_vanilla_generation_and_no_cache_path_match_hf():
     hf = hf_model("llama_gqa")
     toks = tokens(batch=2, pos=6, seed=3)
     theirs = hf_greedy(hf, toks, 10)
-    assert torch.equal(from_hf(hf, shift=()).generate(toks, max_new_tokens=10), theirs)
+    assert torch.equal(from_hf(hf, shift=()).generate(toks, max_new_tokens=10, do_sample=False), theirs)
     shifted = from_hf(hf, shift=("q", "k", "v"), shift_window=2)
-    assert torch.equal(shifted.generate(toks, max_new_tokens=10, use_past_kv_cache=False), theirs)
+    assert torch.equal(shifted.generate(toks, max_new_tokens=10, use_past_kv_cache=False,
+                                             do_sample=False), theirs)
 
 
 def test_config_carries_architecture():
