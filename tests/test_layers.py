@@ -21,7 +21,8 @@ PACKAGES = ("kvshift_lens", "probes")
 CORE = {"kvshift_lens", "kvshift_lens._files", "kvshift_lens._lazy", "kvshift_lens.options",
         "kvshift_lens.config",
         "kvshift_lens.shift", "kvshift_lens.model", "kvshift_lens.checkpoint",
-        "kvshift_lens.generate", "kvshift_lens.processing", "kvshift_lens.tokenizer"}
+        "kvshift_lens.generate", "kvshift_lens.processing", "kvshift_lens.tokenizer",
+        "kvshift_lens.hooked_transformer"}
 
 
 def _module_name(path: Path) -> str:
