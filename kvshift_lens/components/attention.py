@@ -206,7 +206,9 @@ class Attention(nn.Module):
             b = torch.cat([self.b_Q, b_K, b_V])  # [H + 2 KV, d_head]
             qkv = F.linear(query_input, W.flatten(0, 1), b.flatten())  # [b, p, (H + 2 KV) d_head]
             qkv = qkv.unflatten(-1, (H + 2 * KV, -1))  # [batch, pos, H + 2 KV, d_head]
-            q, k, v = qkv.split([H, KV, KV], dim=2)
+            # unsafe_split: the same views as split, but a hook may edit them in place (as
+            # TransformerLens ablations do) with autograd on; safe because nothing edits qkv.
+            q, k, v = qkv.unsafe_split_with_sizes([H, KV, KV], dim=2)
         else:
             q = _project(query_input, self.W_Q, self.b_Q)
             k = _project(key_input, W_K, b_K)
@@ -262,13 +264,17 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
         """``q . k / sqrt(d_head)`` with future keys masked to -inf, through
         ``hook_attn_scores``. Query i sits at absolute position ``offset + i``."""
-        qh = q.transpose(1, 2)  # [batch, head_index, query_pos, d_head]
-        kh = self._per_query_head(k).transpose(1, 2)  # [batch, head_index, key_pos, d_head]
-        scores = qh @ kh.transpose(-1, -2)  # [batch, head_index, query_pos, key_pos]
-        # In place: the product's backward needs only its inputs, and this keeps one
-        # [batch, head_index, query_pos, key_pos] buffer where three would be allocated.
-        scores.mul_(self.scale)
-        scores.masked_fill_(_future(q.shape[1], k.shape[1], offset, q.device), float("-inf"))
+        b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+        # [batch * head_index, query_pos | key_pos, d_head], contiguous per head for bmm
+        qh = q.transpose(1, 2).reshape(b * self.cfg.n_heads, n_q, -1)
+        kh = self._per_query_head(k).transpose(1, 2).reshape(b * self.cfg.n_heads, n_k, -1)
+        # One product adds the causal mask (0 or -inf) and one in-place pass scales, in a single
+        # [batch * head_index, query_pos, key_pos] buffer; (q.k + 0) * scale is bit for bit
+        # q.k * scale, and -inf stays -inf.
+        mask = torch.zeros(n_q, n_k, dtype=q.dtype, device=q.device).masked_fill_(
+            _future(n_q, n_k, offset, q.device), float("-inf"))  # [query_pos, key_pos]
+        scores = torch.baddbmm(mask, qh, kh.transpose(1, 2)).mul_(self.scale)
+        scores = scores.view(b, -1, n_q, n_k)  # [batch, head_index, query_pos, key_pos]
         return self.hook_attn_scores(scores)
 
     def calculate_pattern(self, scores: Pattern) -> Pattern:
