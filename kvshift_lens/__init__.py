@@ -1,13 +1,17 @@
 """kvshift_lens: mechanistic interpretability for KV shifting attention (Xu et al. 2024).
 
-Axis vocabulary, used in every shape annotation and einops pattern:
+Axis vocabulary: the one set of names used in every shape annotation, shape comment and einops
+pattern of the package (TransformerLens' words where TransformerLens has one):
 
 - ``batch``: sequences in a batch
-- ``pos``: positions of this call; ``query_pos`` / ``key_pos`` in attention patterns
-- ``head`` (``head_index``): query heads, ``n_heads``; ``kv_head``: key/value heads,
-  ``n_key_value_heads`` (equal unless grouped-query attention)
+- ``pos``: positions of this call (the residual stream's position axis); in attention,
+  ``query_pos`` for the reading positions and ``key_pos`` for the positions read (with a
+  decoding cache, every position so far)
+- ``head_index``: query heads (``n_heads``); ``kv_head``: key/value heads
+  (``n_key_value_heads``, equal to ``n_heads`` unless grouped-query attention); ``head``: either,
+  where one function serves both (the shift runs over Q's ``head_index`` or K's ``kv_head``)
 - ``lag``: shift coefficients per head, ``shift_window + 1`` (lag 0 = the position itself)
-- ``layer``, ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``
+- ``layer``; sizes ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``
 
 Importing the package changes no global state.
 """

@@ -3,7 +3,7 @@ built as a TransformerLens 4 ``HookedRootModule`` with HookedTransformer's names
 ``ActivationCache``, ``patching``, ``head_detector``, ``tools.training`` and ``ProcessWeights`` take
 it unchanged (TL4_CONTRACT.md).
 
-Axis vocabulary: batch, pos, head, kv_head, lag, d_model, d_head, d_mlp, d_vocab, layer.
+Axis names: the package docstring's vocabulary (:mod:`kvshift_lens`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from kvshift_lens.hooked_transformer import (
     refactor_factored_attn_matrices as refactor_state_dict,
 )
 from kvshift_lens.processing import _center_writer, fold_layer_norm
-from kvshift_lens.shift import init_coefficients, project_to_simplex
+from kvshift_lens.shift import is_shift_parameter, project_to_simplex
 from kvshift_lens.tokenizer import UNKNOWN_TOKEN, as_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -188,43 +188,23 @@ class HookedKVShiftTransformer(HookedRootModule):
                 "set d_vocab >= the tokenizer's vocabulary size"
             )
 
-        self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        if cfg.positional_embedding_type in ("standard", "shortformer"):
-            self.pos_embed = PosEmbed(cfg)
-            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList([TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
-        self.ln_final = make_norm(cfg)
-        self.unembed = Unembed(cfg, self.embed)
+        # Each part initialises its own parameters; one generator, passed down in declaration
+        # order, draws them all (cfg.seed makes one when none is given).
         if generator is None and cfg.seed is not None:
             generator = torch.Generator().manual_seed(cfg.seed)
-        self.init_weights(generator)
+        self.embed = Embed(cfg, generator)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        if cfg.positional_embedding_type in ("standard", "shortformer"):
+            self.pos_embed = PosEmbed(cfg, generator)
+            self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(cfg, i, generator) for i in range(cfg.n_layers)])
+        self.ln_final = make_norm(cfg)
+        self.unembed = Unembed(cfg, self.embed, generator)
         self.setup()
         self.to(cfg.device)
 
-    # ------------------------------------------------------------------ construction
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Weights ~ N(0, init_range), biases 0, norms 1, shift coefficients by ``shift_init``."""
-        cfg = self.cfg
-        for name, p in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf.startswith("shift_"):
-                which = leaf[-1]
-                n = cfg.n_heads if which == "q" else cfg.n_key_value_heads
-                init = init_coefficients(n, cfg.n_lags, cfg.shift_init, which,
-                                         cfg.shift_init_std, generator, dtype=torch.float32)
-                if cfg.shift_param == "convex":
-                    init = project_to_simplex(init)
-                with torch.no_grad():
-                    p.copy_(init.to(p.dtype))
-            elif leaf.lstrip("_").startswith("W_"):
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=generator) * cfg.init_range)
-            elif leaf == "w":
-                nn.init.ones_(p)
-            else:
-                nn.init.zeros_(p)
-
+    # ------------------------------------------------------------------ caching
     def get_caching_hooks(self, names_filter=None, incl_bwd=False, device=None,
                           remove_batch_dim=False, cache=None, pos_slice=None):
         """As HookedRootModule's, but slices each hook on its own position axis (``pos_dim``):
@@ -879,9 +859,11 @@ class HookedKVShiftTransformer(HookedRootModule):
         return ShiftCoefficients(values)
 
     def shift_parameters(self) -> list[nn.Parameter]:
-        """The shift-coefficient parameters (``blocks.{l}.attn.shift_{q,k,v}``)."""
-        return [p for name, p in self.named_parameters()
-                if name.rsplit(".", 1)[-1].startswith("shift_")]
+        """The raw shift-coefficient parameters (``blocks.{l}.attn.shift_{q,k,v}``), in
+        ``parameters()`` order, as ``parameters()`` gives them: what an optimiser's coefficient
+        group takes. Empty when nothing is shifted. Names: ``named_parameters()`` filtered by
+        :func:`kvshift_lens.shift.is_shift_parameter`."""
+        return [p for name, p in self.named_parameters() if is_shift_parameter(name)]
 
     @torch.no_grad()
     def constrain_shift_(self) -> None:
@@ -889,9 +871,8 @@ class HookedKVShiftTransformer(HookedRootModule):
         trainer calls this after each optimiser step when ``shift_param='convex'``."""
         if self.cfg.shift_param != "convex":
             return
-        for name, p in self.named_parameters():
-            if name.rsplit(".", 1)[-1].startswith("shift_"):
-                p.copy_(project_to_simplex(p))
+        for p in self.shift_parameters():
+            p.copy_(project_to_simplex(p))
 
     # ------------------------------------------------------------------ devices
     def _apply(self, fn, *args, **kwargs):

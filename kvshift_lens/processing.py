@@ -131,7 +131,9 @@ def fold_layer_norm(
     if cfg.tie_word_embeddings:
         W_U, b_U = model.W_U.detach().clone(), model.b_U.detach().clone()
         cfg.tie_word_embeddings = False
-        model.unembed = Unembed(cfg, model.embed).to(W_U.device)
+        # (Its initial weights are overwritten below: a private generator keeps torch's global
+        # RNG untouched.)
+        model.unembed = Unembed(cfg, model.embed, torch.Generator()).to(W_U.device)
         model.unembed.W_U.copy_(W_U)
         model.unembed.b_U.copy_(b_U)
         model.setup()

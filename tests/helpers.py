@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvshift_lens import HookedKVShiftTransformer, KVShiftConfig
+from kvshift_lens.shift import is_shift_parameter
 
 ARCHS = {
     # name: config overrides
@@ -31,7 +32,7 @@ def randomize(model: HookedKVShiftTransformer, seed: int = 0, scale: float = 0.3
             leaf = name.rsplit(".", 1)[-1]
             if leaf == "w":
                 p.copy_(1 + 0.2 * noise)
-            elif leaf.startswith("shift_"):
+            elif is_shift_parameter(name):
                 p.copy_(0.5 + 0.5 * noise)
             else:
                 p.copy_(scale * noise)

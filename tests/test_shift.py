@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from kvshift_lens.shift import constrain, project_to_simplex, shift
+from kvshift_lens.shift import (
+    constrain,
+    init_coefficients,
+    is_shift_parameter,
+    project_to_simplex,
+    shift,
+)
 from probes import effective_pattern
 from tests.helpers import build
 
@@ -135,3 +141,35 @@ def test_shift_gradients_match_autograd_of_the_loops(lags, pos):
     assert_close(dx, rx)
     assert_close(dc, rc)
     assert torch.autograd.gradcheck(shift, (x, c))
+
+
+def test_shift_gradients_on_strided_views_match_the_loops():
+    """x as the model passes it: a view of K inside a fused [batch, pos, q|k|v heads, d_head]
+    projection (not contiguous), and an upstream gradient that is not contiguous either."""
+    base = torch.randn(2, 6, 9, 4, dtype=torch.float64, requires_grad=True)
+    x = base[:, :, 3:6]
+    c = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 6, 4, dtype=torch.float64).transpose(1, 2)
+    dx, dc = torch.autograd.grad((shift(x, c) * g).sum(), (base, c))
+    rx, rc = torch.autograd.grad((_loop_shift(x, c) * g).sum(), (base, c))
+    assert_close(dx, rx)
+    assert_close(dc, rc)
+
+
+def test_is_shift_parameter():
+    for name in ("shift_k", "blocks.0.attn.shift_q", "blocks.11.attn.shift_v"):
+        assert is_shift_parameter(name)
+    for name in ("blocks.0.attn.W_K", "blocks.0.attn._W_K", "blocks.0.attn.b_V", "shift",
+                 "blocks.0.attn.shift_x", "blocks.0.attn.hook_shift_k", "shift_window"):
+        assert not is_shift_parameter(name)
+
+
+@pytest.mark.parametrize("scheme", ["identity", "uniform", "normal", "induction"])
+def test_convex_initial_coefficients_start_on_the_simplex(scheme):
+    g = torch.Generator().manual_seed(0)
+    c = init_coefficients(3, 3, scheme, "k", std=0.5, generator=g, param="convex")
+    assert (c >= 0).all() and torch.allclose(c.sum(-1), torch.ones(3))
+    free = init_coefficients(3, 3, scheme, "k", std=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(c, project_to_simplex(free))
+    with pytest.raises(ValueError, match="shift_param='sigmoid'"):
+        init_coefficients(3, 3, scheme, "k", param="sigmoid")

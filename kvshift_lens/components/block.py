@@ -8,37 +8,48 @@ and there is no ``resid_mid``.
 
 from __future__ import annotations
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from kvshift_lens.components.attention import Attention, LayerKVCache
+from kvshift_lens.components.attention import LayerKVCache, make_attention
 from kvshift_lens.components.mlp import MLP
 from kvshift_lens.components.norm import make_norm
 from kvshift_lens.config import KVShiftConfig
 
 
 class TransformerBlock(nn.Module):
+    """One layer: ``ln1``, ``attn``, and unless ``attn_only`` ``ln2`` and ``mlp``, wired as the
+    module docstring says, with TransformerLens' residual hooks.
+
+    Args:
+        cfg: the model config.
+        layer: this block's index.
+        generator: draws the initial weights of its parts, in the order they are declared
+            (None: torch's global RNG).
+    """
+
     # logit_lens and friends read this: the block's hook_out is one residual stream.
     hook_out_is_single_residual_stream = True
 
-    def __init__(self, cfg: KVShiftConfig, layer: int):
+    def __init__(self, cfg: KVShiftConfig, layer: int, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
         self.ln1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = make_attention(cfg, generator)
         if not cfg.attn_only:
             self.ln2 = make_norm(cfg)
-            self.mlp = MLP(cfg)
+            self.mlp = MLP(cfg, generator)
             self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]
             self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
             if not cfg.parallel_attn_mlp:
                 self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
-        self.hook_q_input = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_q_input = HookPoint()  # [batch, pos, head_index, d_model]
         self.hook_k_input = HookPoint()  # [batch, pos, kv_head, d_model]
         self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model]
-        self.hook_attn_in = HookPoint()  # [batch, pos, head, d_model]
+        self.hook_attn_in = HookPoint()  # [batch, pos, head_index, d_model]
         for hp in (self.hook_q_input, self.hook_k_input, self.hook_v_input, self.hook_attn_in):
             hp.pos_dim = 1
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
@@ -87,4 +98,5 @@ class TransformerBlock(nn.Module):
 
 
 def _per_head(x: Float[Tensor, "batch pos d_model"], n: int) -> Float[Tensor, "batch pos n d_model"]:
-    return x.unsqueeze(2).expand(-1, -1, n, -1).clone()
+    """One copy of the residual stream per head (a copy, so a hook can edit one head's input)."""
+    return x.unsqueeze(2).expand(-1, -1, n, -1).clone()  # [batch, pos, n, d_model]

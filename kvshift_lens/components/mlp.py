@@ -13,6 +13,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from kvshift_lens.components.parameters import normal, zeros
 from kvshift_lens.config import KVShiftConfig
 
 _ACTS = {
@@ -24,17 +25,26 @@ _ACTS = {
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: KVShiftConfig):
+    """The feed-forward layer, plain or gated (module docstring), with TransformerLens' names:
+    ``W_in`` / ``W_gate [d_model, d_mlp]``, ``b_in [d_mlp]``, ``W_out [d_mlp, d_model]``,
+    ``b_out [d_model]``.
+
+    Args:
+        cfg: reads ``d_model``, ``d_mlp``, ``act_fn``, ``gated_mlp``.
+        generator: draws the initial weights (None: torch's global RNG).
+    """
+
+    def __init__(self, cfg: KVShiftConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.gated = cfg.gated_mlp
         self.act = _ACTS[cfg.act_fn]
-        self.W_in = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp, dtype=cfg.dtype))
+        self.W_in = normal((cfg.d_model, cfg.d_mlp), cfg, generator)
+        self.b_in = zeros((cfg.d_mlp,), cfg)
         if self.gated:
-            self.W_gate = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))
+            self.W_gate = normal((cfg.d_model, cfg.d_mlp), cfg, generator)
             self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp]
-        self.W_out = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))
-        self.b_out = nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.W_out = normal((cfg.d_mlp, cfg.d_model), cfg, generator)
+        self.b_out = zeros((cfg.d_model,), cfg)
         self.hook_pre = HookPoint()  # [batch, pos, d_mlp]
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 

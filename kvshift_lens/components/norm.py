@@ -6,16 +6,27 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from kvshift_lens.components.parameters import ones, zeros
 from kvshift_lens.config import KVShiftConfig
 
 
 class Norm(nn.Module):
+    """``cfg.normalization_type``'s norm over the last axis (module docstring), with its scale
+    ``w [length]`` (LN, RMS; starts at 1) and bias ``b [length]`` (LN; starts at 0).
+
+    When nothing hooks ``hook_scale`` or ``hook_normalized`` it runs the fused
+    ``F.layer_norm`` / ``F.rms_norm`` kernels (the same maths); otherwise the explicit steps.
+
+    Args:
+        cfg: reads ``normalization_type``, ``eps``, ``d_model``.
+        length: the normalised axis' size (default ``d_model``).
+    """
+
     def __init__(self, cfg: KVShiftConfig, length: int | None = None):
         super().__init__()
         kind = cfg.normalization_type
@@ -23,9 +34,9 @@ class Norm(nn.Module):
         self.center = kind in ("LN", "LNPre")
         self.eps = cfg.eps
         if kind in ("LN", "RMS"):
-            self.w = nn.Parameter(torch.ones(length, dtype=cfg.dtype))
+            self.w = ones((length,), cfg)
         if kind == "LN":
-            self.b = nn.Parameter(torch.zeros(length, dtype=cfg.dtype))
+            self.b = zeros((length,), cfg)
         self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head, 1])
         self.hook_normalized = HookPoint()  # [batch, pos, length]
 

@@ -13,12 +13,10 @@ from typing import Any
 
 from torch import nn
 
+from kvshift_lens.shift import is_shift_parameter
 from kvshift_lens.train.config import RunSpec, TrainConfig
 
-
-def is_shift_parameter(name: str) -> bool:
-    """True for a shift-coefficient parameter name (``...attn.shift_k`` etc.)."""
-    return name.rsplit(".", 1)[-1].startswith("shift_")
+__all__ = ["freeze_all_but_shift", "is_shift_parameter", "spec_for_model", "unfreeze_all"]
 
 
 def freeze_all_but_shift(model: nn.Module) -> list[str]:

@@ -22,6 +22,7 @@ from kvshift_lens.config import _DTYPES, KVShiftConfig
 from kvshift_lens.convert import gpt2, llama, neox
 from kvshift_lens.convert._common import StateDictReader
 from kvshift_lens.model import HookedKVShiftTransformer
+from kvshift_lens.shift import is_shift_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def _load_weights(model: HookedKVShiftTransformer, weights: dict[str, Tensor]) -
     for name, p in params.items():
         if name in weights:
             p.copy_(weights[name].to(device=p.device, dtype=p.dtype))
-        elif not name.rsplit(".", 1)[-1].startswith("shift_"):
+        elif not is_shift_parameter(name):
             leaf = name.rsplit(".", 1)[-1]
             p.fill_(1.0 if leaf == "w" else 0.0)
 
