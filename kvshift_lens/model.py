@@ -40,7 +40,7 @@ from kvshift_lens.hooked_transformer import (
     refactor_factored_attn_matrices as refactor_state_dict,
 )
 from kvshift_lens.processing import _center_writer, fold_layer_norm
-from kvshift_lens.shift import is_shift_parameter, project_to_simplex
+from kvshift_lens.shift import gain_and_mix, is_shift_parameter, previous_share, project_to_simplex
 from kvshift_lens.tokenizer import UNKNOWN_TOKEN, as_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -103,12 +103,29 @@ class ShiftCoefficients:
     def shifted(self) -> list[str]:
         return list(self.values)
 
+    def gain(self, which: str) -> Float[Tensor, "layer head"]:
+        """``sum_l |c_l|`` per head (see :func:`kvshift_lens.shift.gain_and_mix`)."""
+        return gain_and_mix(self[which])[0]
+
+    def mix(self, which: str) -> Float[Tensor, "layer head lag"]:
+        """The coefficients over their gain: what a head mixes, whatever its scale."""
+        return gain_and_mix(self[which])[1]
+
+    def previous_share(self, which: str) -> Float[Tensor, "layer head"]:
+        """Share of each head's mix on earlier positions, in [0, 1]
+        (:func:`kvshift_lens.shift.previous_share`)."""
+        return previous_share(self[which])
+
     def records(self) -> list[dict[str, Any]]:
-        """Long format: one dict per (layer, head, which, lag) with its value."""
+        """Long format: one dict per (layer, head, which, lag) with its raw value, the head's gain
+        and its mix at that lag."""
         out = []
         for which, t in self.values.items():
-            for (layer, head, lag), v in zip(_index_grid(t.shape), t.flatten().tolist()):
-                out.append({"layer": layer, "head": head, "which": which, "lag": lag, "value": v})
+            gain, mix = gain_and_mix(t)
+            rows = zip(_index_grid(t.shape), t.flatten().tolist(), mix.flatten().tolist())
+            for (layer, head, lag), v, m in rows:
+                out.append({"layer": layer, "head": head, "which": which, "lag": lag, "value": v,
+                            "gain": float(gain[layer, head]), "mix": m})
         return out
 
     def to_pandas(self):

@@ -186,3 +186,34 @@ def is_shift_parameter(name: str) -> bool:
     the simplex projection all ask here.
     """
     return name.rsplit(".", 1)[-1] in ("shift_q", "shift_k", "shift_v")
+
+
+def gain_and_mix(
+    coeffs: Float[Tensor, "... lag"],
+) -> tuple[Float[Tensor, "..."], Float[Tensor, "... lag"]]:
+    """Read coefficients as a gain times a mix over lags: ``c = gain * mix``.
+
+    ``gain = sum_l |c_l|`` (how much the shift scales the keys or values it mixes: 1 for vanilla
+    and for every convex coefficient vector) and ``mix = c / gain`` (what it mixes: on the simplex
+    when every coefficient is >= 0, with ``sum_l |mix_l| = 1`` always). Free coefficients trained
+    at a high learning rate grow into gains (alpha2 of 4 is a mix of about 0.9 at a gain of 4.5),
+    so compare heads by their mix, never by raw values. A head whose coefficients are all zero has
+    gain 0 and, by convention, the identity mix (all weight at lag 0).
+
+    Returns:
+        ``(gain [...], mix [..., lag])``.
+    """
+    gain = coeffs.abs().sum(-1)
+    identity = torch.zeros_like(coeffs)
+    identity[..., 0] = 1
+    safe = torch.where(gain > 0, gain, torch.ones_like(gain))
+    mix = torch.where((gain > 0)[..., None], coeffs / safe[..., None], identity)
+    return gain, mix
+
+
+def previous_share(coeffs: Float[Tensor, "... lag"]) -> Float[Tensor, "..."]:
+    """The share of a head's mix on earlier positions, ``sum_{l >= 1} |c_l| / sum_l |c_l|``, in
+    [0, 1]: 0 for vanilla attention, 1 for a key that describes only the previous token (the
+    paper's one-layer induction key). Scale-free, so it compares heads whatever their gains."""
+    _, mix = gain_and_mix(coeffs)
+    return mix[..., 1:].abs().sum(-1)

@@ -173,3 +173,32 @@ def test_convex_initial_coefficients_start_on_the_simplex(scheme):
     assert torch.equal(c, project_to_simplex(free))
     with pytest.raises(ValueError, match="shift_param='sigmoid'"):
         init_coefficients(3, 3, scheme, "k", param="sigmoid")
+
+
+def test_gain_and_mix_read_coefficients_as_scale_times_lag_weights():
+    from kvshift_lens.shift import gain_and_mix, previous_share
+
+    c = torch.tensor([[0.5, 4.0], [1.0, 0.0], [0.0, 0.0], [-0.2, 0.8], [0.2, 0.3, 0.5]][:4])
+    gain, mix = gain_and_mix(c)
+    torch.testing.assert_close(gain, torch.tensor([4.5, 1.0, 0.0, 1.0]))
+    torch.testing.assert_close(mix, torch.tensor([[1 / 9, 8 / 9], [1.0, 0.0], [1.0, 0.0],
+                                                  [-0.2, 0.8]]))
+    torch.testing.assert_close(gain[:, None] * mix, c)  # the decomposition is exact
+    torch.testing.assert_close(previous_share(c), torch.tensor([8 / 9, 0.0, 0.0, 0.8]))
+    # scale-free: a head's share does not change when its coefficients grow
+    torch.testing.assert_close(previous_share(7 * c), previous_share(c))
+    window2 = torch.tensor([0.2, 0.3, 0.5])
+    assert float(previous_share(window2)) == pytest.approx(0.8)
+
+
+def test_shift_coefficients_expose_gain_mix_and_previous_share():
+    from tests.helpers import build
+
+    model = build(n_layers=2)
+    coeffs = model.shift_coefficients()
+    k = coeffs["k"]
+    torch.testing.assert_close(coeffs.gain("k"), k.abs().sum(-1))
+    torch.testing.assert_close(coeffs.gain("k")[..., None] * coeffs.mix("k"), k)
+    rec = [r for r in coeffs.records() if r["which"] == "k" and r["layer"] == 1 and r["head"] == 0]
+    assert [r["lag"] for r in rec] == [0, 1]
+    assert rec[1]["mix"] == pytest.approx(float(k[1, 0, 1] / k[1, 0].abs().sum()))
