@@ -7,14 +7,16 @@ checkpoint) and shows:
 
 - a text summary: steps to the target accuracy (90% unless the run set another), the induction
   phase change (:func:`~kvshift_lens.viz.figures.phase_change_step`), final accuracy and loss, and
-  the learned coefficients of every head;
+  the learned coefficients of every head, read as a gain times a mix over lags
+  (:func:`kvshift_lens.shift.gain_and_mix`; raw values beside them) with each head's measured
+  induction score (:func:`probes.classify_heads` on repeated random tokens of the run's task);
 - training loss and evaluation accuracy with the phase change marked;
-- the final model's coefficients (heatmaps), their trajectories, the heads in the (alpha1, beta1)
-  plane;
+- the final model's coefficients (heatmaps of gain and mix), their trajectories, the heads in the
+  plane of the keys' and values' share of the current position;
 - for a one-layer model with shifted keys and values (window 1), the loss landscape of PAPER.md
   item 5 for each head of the layer (all heads moved together when there are more than
-  :data:`MAX_LANDSCAPE_HEADS`), with the gradient directions, the head's path during training and
-  its final position;
+  :data:`MAX_LANDSCAPE_HEADS`) in mix coordinates at the head's own gains, with the gradient
+  directions, the head's path during training and its final position;
 - circuitsvis views of a repeated random sequence: the layer's attention patterns plain and
   effective side by side, and the tokens coloured by the model's loss.
 
@@ -50,7 +52,8 @@ from kvshift_lens.train.tasks import build_task
 from kvshift_lens.viz import figures as F
 from kvshift_lens.viz import patterns as P
 from kvshift_lens.viz.export import StaticExport, export_static
-from kvshift_lens.viz.landscape import loss_landscape
+from kvshift_lens.viz.landscape import current_share, loss_landscape
+from probes import INDUCTION_THRESHOLD, classify_heads
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,16 @@ class RunSummary:
     final_accuracy: float | None
     final_loss: float | None
     coefficients: dict[str, list] = field(default_factory=dict)
-    """``{which: [layer][head][lag]}``: the final model's (or the last evaluation's)."""
+    """``{which: [layer][head][lag]}``: the final model's (or the last evaluation's), raw."""
+    head_kinds: dict[str, str] = field(default_factory=dict)
+    """``{"L0H1": "induction_via_shift", ...}``: the probes' class of every head (needs the
+    model)."""
+    induction_scores: dict[str, float] = field(default_factory=dict)
+    """``{"L0H1": 0.95, ...}``: each head's measured induction score (the attention, on value
+    sources, that the second copy of a repeated random sequence pays to the token after the
+    current token's first copy; :func:`probes.head_scores`), in [0, 1]."""
+    induction_threshold: float = 0.4
+    """The score from which the probes call a head an induction head."""
 
     def head_rows(self) -> list[tuple[str, dict[str, float]]]:
         """``[("L0H1", {"α1": ..., "α2": ..., "β1": ..., ...}), ...]``."""
@@ -158,13 +170,37 @@ class RunSummary:
                 rows.append((F.head_label(layer, head), values))
         return rows
 
+    def mix_rows(self) -> list[tuple[str, dict[str, float]]]:
+        """Per head its gain and mix: ``[("L0H1", {"α gain": ..., "α mix, current": ...,
+        "α mix, previous": ..., "β gain": ..., ...}), ...]`` (``c = gain * mix``)."""
+        if not self.coefficients:
+            return []
+        arrays = {w: F.gain_mix_arrays(c) for w, c in self.coefficients.items()}
+        first = next(iter(arrays.values()))[0]
+        rows = []
+        for layer in range(first.shape[0]):
+            for head in range(first.shape[1]):
+                values = {}
+                for which, (gain, mix) in arrays.items():
+                    values[f"{F.SYMBOLS[which]} gain"] = float(gain[layer, head])
+                    for lag in range(mix.shape[-1]):
+                        values[F.mix_label(which, lag)] = float(mix[layer, head, lag])
+                rows.append((F.head_label(layer, head), values))
+        return rows
+
     def induction_head(self) -> str | None:
-        """The head nearest the paper's induction point (alpha1, beta1) = (0, 1)."""
-        rows = [(label, v) for label, v in self.head_rows() if "α1" in v and "β1" in v]
+        """The head nearest the paper's induction point in mix coordinates (key's share of the
+        current position 0, value's 1: keys read the previous token, values the current one)
+        among the heads the probes measured as induction heads (score at least
+        :attr:`induction_threshold`); None when no head is one or nothing was measured."""
+        rows = [(label, v) for label, v in self.mix_rows()
+                if "α mix, current" in v and "β mix, current" in v
+                and self.induction_scores.get(label, -1.0) >= self.induction_threshold]
         if not rows:
             return None
         ax, by = F.INDUCTION_POINT
-        return min(rows, key=lambda r: math.hypot(r[1]["α1"] - ax, r[1]["β1"] - by))[0]
+        return min(rows, key=lambda r: math.hypot(r[1]["α mix, current"] - ax,
+                                                  r[1]["β mix, current"] - by))[0]
 
     def to_text(self) -> str:
         def fmt(x: float | None, spec: str = ".4f") -> str:
@@ -182,13 +218,35 @@ class RunSummary:
         ]
         rows = self.head_rows()
         if rows:
-            names = list(rows[0][1])
-            lines.append("learned shift coefficients: " + "  ".join(f"{n:>6}" for n in names))
+            mixes = dict(self.mix_rows())
+            symbols = [F.SYMBOLS[w] for w in self.coefficients]
+            lines.append("learned shift coefficients, read as gain x mix (gain = sum of |c|, mix "
+                         "= c / gain: the share of each lag, current then previous; raw c = "
+                         "gain x mix):")
+            header = "  head  " + "".join(f"{s + ' gain':>8}  {s + ' mix':<15}" for s in symbols)
+            header += f"{'induction':>10}  {'class':<26}  raw"
+            lines.append(header)
             best = self.induction_head()
             for label, values in rows:
-                mark = "  <- nearest the induction point (0, 1)" if label == best else ""
-                lines.append(f"  {label:<26}" + "  ".join(f"{values[n]:6.3f}" for n in names)
-                             + mark)
+                mix = mixes[label]
+                line = f"  {label:<6}"
+                for s in symbols:
+                    parts = [v for k, v in mix.items() if k.startswith(f"{s} mix")]
+                    shown = "(" + ", ".join(f"{v:.2f}" for v in parts) + ")"
+                    line += f"{mix[s + ' gain']:8.3f}  {shown:<15}"
+                score = self.induction_scores.get(label)
+                line += f"{score:10.3f}" if score is not None else f"{'n/a':>10}"
+                line += f"  {self.head_kinds.get(label, ''):<26}  "
+                line += " ".join(f"{k} {v:.3f}" for k, v in values.items())
+                if label == best:
+                    line += "  <- nearest the induction point"
+                lines.append(line)
+            lines.append(
+                "  induction: the head's measured induction score (probes, repeated random tokens;"
+                f" an induction head from {self.induction_threshold:g}). The induction point is "
+                "keys all on the previous position, values all on the current one: α mix (0, 1),"
+                " β mix (1, 0). The marked head is the one nearest it by mix among the heads "
+                "measured as induction heads" + (" (none is)." if best is None else "."))
         else:
             lines.append("shift coefficients: none (vanilla attention)")
         return "\n".join(lines)
@@ -224,8 +282,14 @@ def summarize_run(run: RunData) -> RunSummary:
     acc = [r["eval/accuracy"] for r in evals]
     last_step = max((int(r.get("step", 0)) for r in run.records), default=0)
     coeffs: dict[str, list] = {}
+    kinds: dict[str, str] = {}
+    scores: dict[str, float] = {}
     if run.model is not None:
         coeffs = {k: v.tolist() for k, v in run.model.shift_coefficients().values.items()}
+        for h in classify_run_heads(run):
+            label = F.head_label(h.layer, h.head)
+            kinds[label] = h.kind.value
+            scores[label] = float(h.induction)
     elif run.evals and run.evals[-1].get("coefficients"):
         coeffs = run.evals[-1]["coefficients"]
     return RunSummary(
@@ -238,7 +302,29 @@ def summarize_run(run: RunData) -> RunSummary:
         final_accuracy=acc[-1] if acc else None,
         final_loss=evals[-1].get("eval/loss") if evals else None,
         coefficients=coeffs,
+        head_kinds=kinds,
+        induction_scores=scores,
+        induction_threshold=INDUCTION_THRESHOLD,
     )
+
+
+def probe_tokens(run: RunData, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """``[batch, pos]`` repeated random tokens for the probes, in the run's own format: a BOS
+    first when the task has one, ids from the task's vocabulary, a run as long as fits twice."""
+    cfg = run.model.cfg
+    task = _synthetic_task(run)
+    d_vocab = task.d_vocab if task is not None else cfg.d_vocab
+    bos = bool(getattr(task, "bos", False))
+    run_length = max(2, min(32, (cfg.n_ctx - bos) // 2, d_vocab - bos))
+    seq_task = RepeatedTokensTask(d_vocab=d_vocab, run_length=run_length, n_repeats=2,
+                                  distinct=True, bos=bos)
+    return seq_task.sample(batch_size, torch.Generator().manual_seed(seed)).tokens
+
+
+def classify_run_heads(run: RunData):
+    """The probes' taxonomy (:func:`probes.classify_heads`) of the run's model on
+    :func:`probe_tokens`."""
+    return classify_heads(run.model, probe_tokens(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,21 +386,29 @@ def landscape_items(run: RunData, grid: int = 15, n_sequences: int = 16,
         paths = {}
         if "k" in coeffs and "v" in coeffs:
             for h in heads:
-                paths[F.head_label(0, h)] = (coeffs["k"][:, 0, h, 0].tolist(),
-                                             coeffs["v"][:, 0, h, 0].tolist())
+                paths[F.head_label(0, h)] = (current_share(coeffs["k"][:, 0, h]).tolist(),
+                                             current_share(coeffs["v"][:, 0, h]).tolist())
         name = f"landscape_L0H{heads[0]}" if len(heads) == 1 else "landscape_L0"
         which = (f"head {heads[0]}" if len(heads) == 1 else "all heads together")
         lo, hi = land.argmin()
+        gains = "; ".join(f"{k}: key gain {gk:.2f}, value gain {gv:.2f}"
+                          for k, (gk, gv) in land.gains.items())
         items.append(Item(
             name=name, title=f"Loss landscape, layer 0, {which}",
-            caption=(f"Masked loss on {land.n_sequences} sequences of {task_note} with "
-                     f"(α1, α2, β1, β2) = (a, 1 - a, b, 1 - b) set through the coefficient hooks "
-                     f"for {which} (other heads keep their learned coefficients); arrows point "
-                     f"down the gradient. A head's marker is its learned (α1, β1), its line the "
-                     f"path during training; its learned α2 and β2 need not be 1 - α1 and 1 - β1. "
-                     f"Lowest loss on the grid: {float(land.loss.min()):.3f} "
-                     f"at (α1, β1) = ({lo:.2f}, {hi:.2f}); the trained model's loss is "
-                     f"{land.model_loss:.3f}. Computed in {time.perf_counter() - t0:.1f} s."),
+            caption=(f"Masked loss on {land.n_sequences} sequences of {task_note}, in mix "
+                     f"coordinates: x is the key's share of the current position a = α1 / (|α1| "
+                     f"+ |α2|), y the value's b = β1 / (|β1| + |β2|); 1 reads only the current "
+                     f"position, 0 only the previous one. At each grid point the coefficient "
+                     f"hooks set {which} to the head's own gain times that mix, (α1, α2) = "
+                     f"g_α (a, 1 - |a|), (β1, β2) = g_β (b, 1 - |b|) (the lag-1 term keeps the "
+                     f"head's sign), other heads keep their learned coefficients; so a trained "
+                     f"head lies on the surface whatever its gain ({gains}). Arrows point down "
+                     f"the gradient in (a, b). A head's marker is its learned mix, its line the "
+                     f"path of its mix during training. The star (0, 1) is the paper's induction "
+                     f"head, the square (1, 1) vanilla attention. Lowest loss on the grid: "
+                     f"{float(land.loss.min()):.3f} at (a, b) = ({lo:.2f}, {hi:.2f}); the trained "
+                     f"model's loss is {land.model_loss:.3f}. Computed in "
+                     f"{time.perf_counter() - t0:.1f} s."),
             figure=F.landscape_figure(land, paths=paths)))
     return items, []
 
@@ -388,25 +482,35 @@ def run_items(run: RunData, landscape: bool = True, landscape_grid: int = 15,
     if coefficients is not None:
         items.append(Item(
             name="coefficients", title="Learned shift coefficients",
-            caption=("Every head's coefficients at the end of training, layer × head, one panel "
-                     "per coefficient: α multiplies keys, β values; α1 the current position, α2 "
-                     "the previous one. Vanilla attention is α1 = β1 = 1, α2 = β2 = 0; the "
-                     "paper's one-layer induction head α1 = 0, α2 = 1, β1 = 1, β2 = 0."),
+            caption=("Every head's coefficients at the end of training, layer × head, read as a "
+                     "gain times a mix: α multiplies keys, β values; lag 1 (α1, β1) is the "
+                     "current position, lag 2 the previous one. Gain = |α1| + |α2| (grey, how "
+                     "much the shift scales the keys; free coefficients trained at a high "
+                     "learning rate grow it well above 1), mix = α / gain (red-blue, in [-1, 1]: "
+                     "what the key is made of). Compare heads by their mix, not by raw values. "
+                     "Vanilla attention is mix (1, 0) for keys and values; the paper's one-layer "
+                     "induction head key mix (0, 1), value mix (1, 0). Hover a cell for the raw "
+                     "values."),
             figure=F.coefficient_heatmaps(coefficients,
                                           title="Shift coefficients of the final model")))
         if any(r.get("coefficients") for r in run.evals):
             items.append(Item(
                 name="trajectories", title="Coefficients during training",
-                caption="Each head's coefficients at every evaluation.",
+                caption=("Each head's gain (first column) and mix (current, previous) of keys "
+                         "(α) and values (β) at every evaluation; the raw coefficient is gain × "
+                         "mix."),
                 figure=F.coefficient_trajectories(run.evals)))
             logged = F.as_coefficient_arrays(
                 next(r for r in run.evals if r.get("coefficients"))["coefficients"])
             if "k" in logged and "v" in logged:
                 items.append(Item(
-                    name="plane", title="Heads in the (α1, β1) plane",
-                    caption=("Each head's (α1, β1) at every evaluation, from the open circle "
-                             "(first evaluation) to the large marker (last). The star is the "
-                             "induction point (0, 1), the square vanilla attention (1, 1)."),
+                    name="plane", title="Heads by their keys' and values' current share",
+                    caption=("Each head at every evaluation, from the open circle (first "
+                             "evaluation) to the large marker (last): x is the key's share of the "
+                             "current position α1 / (|α1| + |α2|), y the value's β1 / (|β1| + "
+                             "|β2|), so heads of any gain compare. The star is the induction point "
+                             "(0, 1): keys read the previous token, values the current one; the "
+                             "square vanilla attention (1, 1). Hover for the raw α and β."),
                     figure=F.coefficient_plane(run.evals)))
     else:
         notes.append("the model has no shifted projection, so there are no coefficient figures")
@@ -436,6 +540,7 @@ pre.summary { background: #f4f4f4; padding: 12px 16px; border-radius: 4px; overf
 table.coeffs { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.coeffs td, table.coeffs th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; }
 table.coeffs tr.induction { background: #fff3cd; }
+table.coeffs .raw { color: #777; }
 .note { color: #8a5a00; }
 .static a { margin-right: 0.8em; }
 """
@@ -457,15 +562,41 @@ def _coefficient_table(summary: RunSummary) -> str:
     rows = summary.head_rows()
     if not rows:
         return ""
-    names = list(rows[0][1])
+    mixes = dict(summary.mix_rows())
+    mix_names = list(mixes[rows[0][0]])
+    raw_names = list(rows[0][1])
     best = summary.induction_head()
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    head = ("".join(f"<th>{html.escape(n)}</th>" for n in mix_names)
+            + "<th>induction score</th><th>class</th>"
+            + "".join(f"<th class=raw>{html.escape(n)} (raw)</th>" for n in raw_names))
+
+    def score(label: str) -> str:
+        value = summary.induction_scores.get(label)
+        return "n/a" if value is None else f"{value:.3f}"
+
     body = "".join(
         f'<tr{" class=induction" if label == best else ""}><th>{label}</th>'
-        + "".join(f"<td>{values[n]:.3f}</td>" for n in names) + "</tr>" for label, values in rows)
-    note = (f"<p class=caption>Highlighted: {best}, the head nearest the induction point "
-            "(α1, β1) = (0, 1).</p>" if best else "")
-    return f"<table class=coeffs><tr><th>head</th>{head}</tr>{body}</table>{note}"
+        + "".join(f"<td>{mixes[label][n]:.3f}</td>" for n in mix_names)
+        + f"<td>{score(label)}</td><td>{html.escape(summary.head_kinds.get(label, ''))}</td>"
+        + "".join(f"<td class=raw>{values[n]:.3f}</td>" for n in raw_names) + "</tr>"
+        for label, values in rows)
+    if best:
+        note = (f"Highlighted: {best}, measured induction score {score(best)}, the head nearest "
+                "the induction point by mix (key mix (0, 1): keys read only the previous "
+                "position; value mix (1, 0): values only the current one) among the heads the "
+                f"probes measure as induction heads (score ≥ {summary.induction_threshold:g}).")
+    elif summary.induction_scores:
+        note = ("No head is highlighted: none has a measured induction score of at least "
+                f"{summary.induction_threshold:g}.")
+    else:
+        note = "No head is highlighted: induction scores need the model, which was not found."
+    note += (" Gain = sum of |c| over lags, mix = c / gain (the share of each lag, current then "
+             "previous); the raw coefficients are gain × mix. Induction score: the attention the "
+             "second copy of a repeated random sequence pays (through the value shift when there "
+             "is one) to the token after the current token's first copy, in [0, 1]. Class: the "
+             "probes' taxonomy (probes.classify_heads).")
+    return (f"<table class=coeffs><tr><th>head</th>{head}</tr>{body}</table>"
+            f"<p class=caption>{html.escape(note)}</p>")
 
 
 def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes: Sequence[str],
