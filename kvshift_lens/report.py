@@ -341,6 +341,8 @@ class Item:
     caption: str
     figure: go.Figure | None = None
     view: P.CircuitsVisHTML | None = None
+    html: str | None = None
+    """Ready HTML (e.g. a table), escaped by whoever built it."""
 
 
 def _synthetic_task(run: RunData):
@@ -606,6 +608,8 @@ def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes:
     for item in items:
         if item.figure is not None:
             content = _figure_html(item)
+        elif item.html is not None:
+            content = item.html
         else:
             content = item.view.body
         links = ""
@@ -659,6 +663,136 @@ offline.</p>
 """
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table class=coeffs><tr>{head}</tr>{body}</table>"
+
+
+def comparison_items(run_dirs: Mapping[str, str | Path], batch_size: int = 128,
+                     seed: int = 0) -> tuple[list[Item], dict[str, Any]]:
+    """Sections comparing several runs of one task (the demo's KV-shift and vanilla models): their
+    evaluation accuracy and loss together, each model's head taxonomy with every head's
+    zero-ablation effect, and for shifted models the effect of removing the key or the value
+    shift of its induction heads.
+
+    Args:
+        run_dirs: ``{name: run folder}``; each needs a model.
+        batch_size: sequences of each run's own task the ablations are measured on.
+        seed: seed of those sequences.
+
+    Returns:
+        ``(items, data)``: report items, and per run ``{"heads": [...], "shift_ablations":
+        [...], "accuracy": ...}`` with the numbers shown.
+    """
+    from probes.ablation import ablate_each_head, ablation_effect, remove_key_shift, remove_value_shift
+
+    runs = {name: load_run(d) for name, d in run_dirs.items()}
+    fig = make_comparison_curves({n: r.records for n, r in runs.items()})
+    items = [Item(name="compare_curves", title="The models compared: accuracy and loss",
+                  caption=("Evaluation accuracy (solid, right axis) and evaluation loss (dotted, "
+                           "left axis) of every model on the same task, one colour per model."),
+                  figure=fig)]
+    data: dict[str, Any] = {}
+    taxonomy_rows, shift_rows = [], []
+    for name, run in runs.items():
+        if run.model is None:
+            raise ReportError(f"run {name} ({run.run_dir}) has no model to probe")
+        task = _synthetic_task(run)
+        if task is None:
+            raise ReportError(f"run {name} has no synthetic task to measure ablations on")
+        heads = classify_run_heads(run)
+        table = ablate_each_head(run.model, task, batch_size=batch_size, seed=seed)
+        rows = []
+        for h in heads:
+            after = float(table.accuracy[h.layer, h.head])
+            rows.append({"layer": h.layer, "head": h.head, "kind": h.kind.value,
+                         "previous_token": round(float(h.previous_token), 3),
+                         "induction": round(float(h.induction), 3),
+                         "accuracy_zero_ablated": round(after, 3)})
+            taxonomy_rows.append([name, F.head_label(h.layer, h.head), h.kind.value,
+                                  f"{h.previous_token:.3f}", f"{h.induction:.3f}",
+                                  f"{table.accuracy_before:.3f}", f"{after:.3f}"])
+        entry: dict[str, Any] = {"accuracy": round(float(table.accuracy_before), 4),
+                                 "heads": rows, "shift_ablations": []}
+        cfg = run.model.cfg
+        induction = [h for h in heads if h.kind.value == "induction_via_shift"]
+        if cfg.shift_k or cfg.shift_v:
+            for h in induction:
+                for what, make, on in (("key shift", remove_key_shift, cfg.shift_k),
+                                       ("value shift", remove_value_shift, cfg.shift_v)):
+                    if not on:
+                        continue
+                    eff = ablation_effect(run.model, task, [make(run.model, h.layer, h.head)],
+                                          batch_size=batch_size, seed=seed)
+                    entry["shift_ablations"].append({
+                        "head": F.head_label(h.layer, h.head), "removed": what,
+                        "accuracy_before": round(eff.accuracy_before, 4),
+                        "accuracy_after": round(eff.accuracy_after, 4)})
+                    shift_rows.append([name, F.head_label(h.layer, h.head), what,
+                                       f"{eff.accuracy_before:.3f}", f"{eff.accuracy_after:.3f}"])
+            if len(induction) > 1:
+                for what, make, on in (("key shift", remove_key_shift, cfg.shift_k),
+                                       ("value shift", remove_value_shift, cfg.shift_v)):
+                    if not on:
+                        continue
+                    eff = ablation_effect(run.model, task,
+                                          [make(run.model, h.layer, h.head) for h in induction],
+                                          batch_size=batch_size, seed=seed)
+                    entry["shift_ablations"].append({
+                        "head": "all induction heads", "removed": what,
+                        "accuracy_before": round(eff.accuracy_before, 4),
+                        "accuracy_after": round(eff.accuracy_after, 4)})
+                    shift_rows.append([name, "all induction heads", what,
+                                       f"{eff.accuracy_before:.3f}", f"{eff.accuracy_after:.3f}"])
+        data[name] = entry
+    items.append(Item(
+        name="compare_heads", title="Every model's heads: taxonomy and zero ablation",
+        caption=(f"Class: the probes' taxonomy (probes.classify_heads) on repeated random tokens "
+                 f"in each run's format. Previous-token and induction scores: the head's "
+                 f"attention (on value sources) to the previous token, and from a repeated "
+                 f"token to the token after its first copy, in [0, 1]; a head gets a class from "
+                 f"{INDUCTION_THRESHOLD:g}. Accuracy: on {batch_size} sequences of the run's "
+                 f"task, as trained and with the head's output (hook_z) set to zero. A head "
+                 f"classed 'other' whose ablation costs accuracy does a job no single score "
+                 f"names, for example a previous-token role shared by several heads each below "
+                 f"the threshold."),
+        html=_table(["model", "head", "class", "previous-token score", "induction score",
+                     "accuracy", "accuracy, head zeroed"], taxonomy_rows)))
+    if shift_rows:
+        items.append(Item(
+            name="compare_shift_ablations", title="Removing the shift of the induction heads",
+            caption=("For each head classed induction_via_shift (and all of them at once): "
+                     "accuracy as trained and with its key shift removed (its α set to the "
+                     "identity (1, 0), so K' = K: probes.remove_key_shift) or its value shift "
+                     "removed (β = (1, 0), V' = V: probes.remove_value_shift)."),
+            html=_table(["model", "head", "removed", "accuracy", "accuracy after"],
+                        shift_rows)))
+    return items, data
+
+
+def make_comparison_curves(records: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Figure:
+    """Evaluation accuracy and loss of several runs on one figure (``{name: records}``)."""
+    fig = go.Figure()
+    for i, (name, recs) in enumerate(records.items()):
+        evals = [r for r in recs if r.get("kind") == "eval" and "eval/accuracy" in r]
+        steps = [r["step"] for r in evals]
+        color = F.PALETTE[i % len(F.PALETTE)]
+        fig.add_trace(go.Scatter(x=steps, y=[r["eval/accuracy"] for r in evals], name=
+                                 f"{name} accuracy", yaxis="y2", line=dict(color=color, width=2),
+                                 meta={"run": name, "metric": "accuracy"}))
+        fig.add_trace(go.Scatter(x=steps, y=[r.get("eval/loss") for r in evals],
+                                 name=f"{name} loss", line=dict(color=color, dash="dot"),
+                                 meta={"run": name, "metric": "loss"}))
+    fig.update_layout(template=F.TEMPLATE, height=460, xaxis=dict(title="step"),
+                      yaxis=dict(title="evaluation loss"),
+                      yaxis2=dict(title="evaluation accuracy", overlaying="y", side="right",
+                                  range=[0, 1.02]),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
 @dataclass
 class ReportOutcome:
     """What :func:`generate_report` wrote."""
@@ -678,6 +812,7 @@ def generate_report(
     landscape_grid: int = 15,
     n_sequences: int = 16,
     seed: int = 0,
+    extra_items: Sequence[Item] = (),
 ) -> ReportOutcome:
     """Write the report of a run folder (see the module docstring) and say what was written.
 
@@ -689,6 +824,8 @@ def generate_report(
         landscape_grid: grid points per axis of the landscape.
         n_sequences: induction sequences the landscape's loss averages over.
         seed: seed of the landscape batch and the example sequence.
+        extra_items: more sections, placed after the training curves (e.g.
+            :func:`comparison_items`).
 
     Raises:
         ReportError: ``run_dir`` is not a readable run folder.
@@ -701,6 +838,7 @@ def generate_report(
     summary = summarize_run(run)
     items, notes = run_items(run, landscape=landscape, landscape_grid=landscape_grid,
                              n_sequences=n_sequences, seed=seed)
+    items[1:1] = list(extra_items)
     logger.info("built %d report items in %.1f s", len(items), time.perf_counter() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
     exported = None
@@ -726,6 +864,7 @@ __all__ = [
     "ReportOutcome",
     "RunData",
     "RunSummary",
+    "comparison_items",
     "generate_report",
     "load_run",
     "summarize_run",

@@ -150,6 +150,7 @@ def test_summary_states_the_runs_numbers(tiny_run):
     assert set(summary.induction_scores) == {"L0H0", "L0H1"}
     text = summary.to_text()
     assert "L0H1" in text and "gain x mix" in text and "α2 " in text  # raw values kept
+    assert "1 layer, d_model 16, 2 heads, shift kv (window 1)" in text
     best = summary.induction_head()
     if best is None:
         assert "nearest the induction point" not in text
@@ -174,7 +175,6 @@ def test_nearest_the_induction_point_is_chosen_by_mix_among_measured_induction_h
     assert "L0H2" != summary.induction_head()
     summary.induction_scores = {}
     assert summary.induction_head() is None
-    assert "1 layer, d_model 16, 2 heads, shift kv (window 1)" in text
 
 
 def test_report_of_a_vanilla_two_layer_run_leaves_out_what_does_not_apply(tmp_path):
