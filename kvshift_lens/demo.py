@@ -1,9 +1,12 @@
 """The README's main job (``make demo``): one shifted layer against one and two vanilla layers.
 
 Trains a 1-layer KV-shift, a 1-layer vanilla and a 2-layer vanilla transformer on the variable-offset
-induction task (a sweep with one subfolder per model), classifies every head with the probes,
-measures what removing the key or value shift of the induction head does, writes the HTML report,
-and prints a short summary. About 2-3 minutes on 2 CPU cores; ``--quick`` is a smoke test.
+induction task (a sweep with one subfolder per model), classifies every head of every model with
+the probes, zero-ablates each head, measures what removing the key or value shift of the KV-shift
+model's induction heads does, writes the HTML report (the KV-shift run, with a section comparing
+the three models) and prints a short summary. Coefficients are printed as a gain times a mix over
+lags (:func:`kvshift_lens.shift.gain_and_mix`), the raw values beside them. About 2-3 minutes on
+2 CPU cores; ``--quick`` is a smoke test.
 
     python -m kvshift_lens.demo --out runs/demo [--quick] [--jobs 2]
 """
@@ -51,16 +54,25 @@ def demo_spec(quick: bool = False) -> dict[str, Any]:
     }
 
 
-def head_summary(model: HookedKVShiftTransformer) -> list[dict[str, Any]]:
-    """Per head: its class from the probes' taxonomy, induction score and shift coefficients."""
+def head_summary(model: HookedKVShiftTransformer,
+                 tokens: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """Per head: its class from the probes' taxonomy (on ``tokens``: repeated random tokens in
+    the run's format), previous-token and induction scores, and shift coefficients as gain, mix
+    and raw values."""
+    from kvshift_lens.shift import gain_and_mix
     from probes import classify_heads
 
     rows = []
-    for h in classify_heads(model):
-        rows.append({"layer": h.layer, "head": h.head, "kind": h.kind.value,
-                     "induction": round(h.induction, 3),
-                     "alpha": [round(c, 3) for c in h.key_coeffs],
-                     "beta": [round(c, 3) for c in h.value_coeffs]})
+    for h in classify_heads(model, tokens):
+        row = {"layer": h.layer, "head": h.head, "kind": h.kind.value,
+               "previous_token": round(h.previous_token, 3), "induction": round(h.induction, 3)}
+        for name, coeffs in (("alpha", h.key_coeffs), ("beta", h.value_coeffs)):
+            if coeffs:
+                gain, mix = gain_and_mix(torch.tensor(coeffs, dtype=torch.float64))
+                row[f"{name}_gain"] = round(float(gain), 3)
+                row[f"{name}_mix"] = [round(float(c), 3) for c in mix]
+                row[name] = [round(c, 3) for c in coeffs]
+        rows.append(row)
     return rows
 
 
@@ -91,31 +103,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {g.variant:<12} steps to 90%: {shown:<24} final accuracy: "
               f"{run.final_accuracy:.3f}")
 
+    from kvshift_lens.report import load_run, probe_tokens
+
     kv_dir = out / "kvshift_1L__seed0"
-    model = HookedKVShiftTransformer.from_pretrained(kv_dir / "final", device="cpu").eval()
-    heads = head_summary(model)
-    print("\nKV-shift 1L heads (alpha: keys, beta: values; lag 0 = this token, lag 1 = previous):")
-    for row in heads:
-        print("  " + ", ".join(f"{k}={v}" for k, v in row.items()))
-    vanilla2 = HookedKVShiftTransformer.from_pretrained(out / "vanilla_2L__seed0" / "final",
-                                                        device="cpu").eval()
-    heads2 = head_summary(vanilla2)
-    print("\nVanilla 2L heads with a role (the two-layer circuit the shift replaces):")
-    for row in heads2:
-        if row["kind"] != "other":
-            print(f"  layer={row['layer']}, head={row['head']}, kind={row['kind']}, "
-                  f"induction={row['induction']}")
-    (out / "demo_summary.json").write_text(json.dumps({
-        "groups": [g.__dict__ | {"label": g.label} for g in summary.groups],
-        "kvshift_1L_heads": heads, "vanilla_2L_heads": heads2}, indent=2, default=str))
+    dirs = {g.variant: out / f"{g.variant}__seed0" for g in summary.groups}
+    heads_of = {}
+    for variant, run_dir in dirs.items():
+        run = load_run(run_dir)
+        heads_of[variant] = head_summary(run.model, probe_tokens(run))
+    print("\nKV-shift 1L heads. alpha: keys, beta: values, each read as gain x mix: gain = "
+          "|c1| + |c2|,\nmix = (share of this token, share of the previous token) = c / gain; "
+          "raw c beside. Induction point: alpha mix (0, 1), beta mix (1, 0).")
+    for row in heads_of.get("kvshift_1L", []):
+        print(f"  L{row['layer']}H{row['head']} {row['kind']:<22} induction={row['induction']:.3f}"
+              f"  alpha gain {row['alpha_gain']:.2f} mix {row['alpha_mix']}"
+              f"  beta gain {row['beta_gain']:.2f} mix {row['beta_mix']}"
+              f"  raw alpha={row['alpha']} beta={row['beta']}")
+    for variant in [v for v in heads_of if v.startswith("vanilla")]:
+        print(f"\n{variant} heads (previous-token and induction scores in [0, 1]; a class from "
+              "0.4):")
+        for row in heads_of[variant]:
+            print(f"  L{row['layer']}H{row['head']} {row['kind']:<26} previous_token="
+                  f"{row['previous_token']:.3f} induction={row['induction']:.3f}")
 
-    report = None
+    report, compared = None, {}
     try:
-        from kvshift_lens.report import write_report
+        from kvshift_lens.report import comparison_items, generate_report
 
-        report = write_report(kv_dir, out / "report.html", landscape_grid=11)
+        extra, compared = comparison_items(dirs)
+        report = generate_report(kv_dir, out / "report.html", landscape_grid=11,
+                                 extra_items=extra).path
     except ImportError:  # the visualisation extra is optional for the library
         pass
+    for variant, entry in compared.items():
+        drops = ", ".join(f"L{h['layer']}H{h['head']} {h['accuracy_zero_ablated']:.3f}"
+                          for h in entry["heads"])
+        print(f"\n{variant}: accuracy {entry['accuracy']:.3f}; each head zero-ablated: {drops}")
+        for a in entry["shift_ablations"]:
+            print(f"  remove the {a['removed']} of {a['head']}: accuracy "
+                  f"{a['accuracy_before']:.3f} -> {a['accuracy_after']:.3f}")
+    (out / "demo_summary.json").write_text(json.dumps({
+        "groups": [g.__dict__ | {"label": g.label} for g in summary.groups],
+        "heads": heads_of, "ablations": compared}, indent=2, default=str))
     print(f"\nDone in {time.perf_counter() - t0:.0f} s (training {t_train:.0f} s).")
     print(f"Runs: {out}/<variant>__seed0   summary: {out / 'summary.md'}")
     if report is not None:

@@ -7,14 +7,16 @@ checkpoint) and shows:
 
 - a text summary: steps to the target accuracy (90% unless the run set another), the induction
   phase change (:func:`~kvshift_lens.viz.figures.phase_change_step`), final accuracy and loss, and
-  the learned coefficients of every head;
+  the learned coefficients of every head, read as a gain times a mix over lags
+  (:func:`kvshift_lens.shift.gain_and_mix`; raw values beside them) with each head's measured
+  induction score (:func:`probes.classify_heads` on repeated random tokens of the run's task);
 - training loss and evaluation accuracy with the phase change marked;
-- the final model's coefficients (heatmaps), their trajectories, the heads in the (alpha1, beta1)
-  plane;
+- the final model's coefficients (heatmaps of gain and mix), their trajectories, the heads in the
+  plane of the keys' and values' share of the current position;
 - for a one-layer model with shifted keys and values (window 1), the loss landscape of PAPER.md
   item 5 for each head of the layer (all heads moved together when there are more than
-  :data:`MAX_LANDSCAPE_HEADS`), with the gradient directions, the head's path during training and
-  its final position;
+  :data:`MAX_LANDSCAPE_HEADS`) in mix coordinates at the head's own gains, with the gradient
+  directions, the head's path during training and its final position;
 - circuitsvis views of a repeated random sequence: the layer's attention patterns plain and
   effective side by side, and the tokens coloured by the model's loss.
 
@@ -50,7 +52,8 @@ from kvshift_lens.train.tasks import build_task
 from kvshift_lens.viz import figures as F
 from kvshift_lens.viz import patterns as P
 from kvshift_lens.viz.export import StaticExport, export_static
-from kvshift_lens.viz.landscape import loss_landscape
+from kvshift_lens.viz.landscape import current_share, loss_landscape
+from probes import INDUCTION_THRESHOLD, classify_heads
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,16 @@ class RunSummary:
     final_accuracy: float | None
     final_loss: float | None
     coefficients: dict[str, list] = field(default_factory=dict)
-    """``{which: [layer][head][lag]}``: the final model's (or the last evaluation's)."""
+    """``{which: [layer][head][lag]}``: the final model's (or the last evaluation's), raw."""
+    head_kinds: dict[str, str] = field(default_factory=dict)
+    """``{"L0H1": "induction_via_shift", ...}``: the probes' class of every head (needs the
+    model)."""
+    induction_scores: dict[str, float] = field(default_factory=dict)
+    """``{"L0H1": 0.95, ...}``: each head's measured induction score (the attention, on value
+    sources, that the second copy of a repeated random sequence pays to the token after the
+    current token's first copy; :func:`probes.head_scores`), in [0, 1]."""
+    induction_threshold: float = 0.4
+    """The score from which the probes call a head an induction head."""
 
     def head_rows(self) -> list[tuple[str, dict[str, float]]]:
         """``[("L0H1", {"α1": ..., "α2": ..., "β1": ..., ...}), ...]``."""
@@ -158,13 +170,37 @@ class RunSummary:
                 rows.append((F.head_label(layer, head), values))
         return rows
 
+    def mix_rows(self) -> list[tuple[str, dict[str, float]]]:
+        """Per head its gain and mix: ``[("L0H1", {"α gain": ..., "α mix, current": ...,
+        "α mix, previous": ..., "β gain": ..., ...}), ...]`` (``c = gain * mix``)."""
+        if not self.coefficients:
+            return []
+        arrays = {w: F.gain_mix_arrays(c) for w, c in self.coefficients.items()}
+        first = next(iter(arrays.values()))[0]
+        rows = []
+        for layer in range(first.shape[0]):
+            for head in range(first.shape[1]):
+                values = {}
+                for which, (gain, mix) in arrays.items():
+                    values[f"{F.SYMBOLS[which]} gain"] = float(gain[layer, head])
+                    for lag in range(mix.shape[-1]):
+                        values[F.mix_label(which, lag)] = float(mix[layer, head, lag])
+                rows.append((F.head_label(layer, head), values))
+        return rows
+
     def induction_head(self) -> str | None:
-        """The head nearest the paper's induction point (alpha1, beta1) = (0, 1)."""
-        rows = [(label, v) for label, v in self.head_rows() if "α1" in v and "β1" in v]
+        """The head nearest the paper's induction point in mix coordinates (key's share of the
+        current position 0, value's 1: keys read the previous token, values the current one)
+        among the heads the probes measured as induction heads (score at least
+        :attr:`induction_threshold`); None when no head is one or nothing was measured."""
+        rows = [(label, v) for label, v in self.mix_rows()
+                if "α mix, current" in v and "β mix, current" in v
+                and self.induction_scores.get(label, -1.0) >= self.induction_threshold]
         if not rows:
             return None
         ax, by = F.INDUCTION_POINT
-        return min(rows, key=lambda r: math.hypot(r[1]["α1"] - ax, r[1]["β1"] - by))[0]
+        return min(rows, key=lambda r: math.hypot(r[1]["α mix, current"] - ax,
+                                                  r[1]["β mix, current"] - by))[0]
 
     def to_text(self) -> str:
         def fmt(x: float | None, spec: str = ".4f") -> str:
@@ -182,13 +218,35 @@ class RunSummary:
         ]
         rows = self.head_rows()
         if rows:
-            names = list(rows[0][1])
-            lines.append("learned shift coefficients: " + "  ".join(f"{n:>6}" for n in names))
+            mixes = dict(self.mix_rows())
+            symbols = [F.SYMBOLS[w] for w in self.coefficients]
+            lines.append("learned shift coefficients, read as gain x mix (gain = sum of |c|, mix "
+                         "= c / gain: the share of each lag, current then previous; raw c = "
+                         "gain x mix):")
+            header = "  head  " + "".join(f"{s + ' gain':>8}  {s + ' mix':<15}" for s in symbols)
+            header += f"{'induction':>10}  {'class':<26}  raw"
+            lines.append(header)
             best = self.induction_head()
             for label, values in rows:
-                mark = "  <- nearest the induction point (0, 1)" if label == best else ""
-                lines.append(f"  {label:<26}" + "  ".join(f"{values[n]:6.3f}" for n in names)
-                             + mark)
+                mix = mixes[label]
+                line = f"  {label:<6}"
+                for s in symbols:
+                    parts = [v for k, v in mix.items() if k.startswith(f"{s} mix")]
+                    shown = "(" + ", ".join(f"{v:.2f}" for v in parts) + ")"
+                    line += f"{mix[s + ' gain']:8.3f}  {shown:<15}"
+                score = self.induction_scores.get(label)
+                line += f"{score:10.3f}" if score is not None else f"{'n/a':>10}"
+                line += f"  {self.head_kinds.get(label, ''):<26}  "
+                line += " ".join(f"{k} {v:.3f}" for k, v in values.items())
+                if label == best:
+                    line += "  <- nearest the induction point"
+                lines.append(line)
+            lines.append(
+                "  induction: the head's measured induction score (probes, repeated random tokens;"
+                f" an induction head from {self.induction_threshold:g}). The induction point is "
+                "keys all on the previous position, values all on the current one: α mix (0, 1),"
+                " β mix (1, 0). The marked head is the one nearest it by mix among the heads "
+                "measured as induction heads" + (" (none is)." if best is None else "."))
         else:
             lines.append("shift coefficients: none (vanilla attention)")
         return "\n".join(lines)
@@ -224,8 +282,14 @@ def summarize_run(run: RunData) -> RunSummary:
     acc = [r["eval/accuracy"] for r in evals]
     last_step = max((int(r.get("step", 0)) for r in run.records), default=0)
     coeffs: dict[str, list] = {}
+    kinds: dict[str, str] = {}
+    scores: dict[str, float] = {}
     if run.model is not None:
         coeffs = {k: v.tolist() for k, v in run.model.shift_coefficients().values.items()}
+        for h in classify_run_heads(run):
+            label = F.head_label(h.layer, h.head)
+            kinds[label] = h.kind.value
+            scores[label] = float(h.induction)
     elif run.evals and run.evals[-1].get("coefficients"):
         coeffs = run.evals[-1]["coefficients"]
     return RunSummary(
@@ -238,7 +302,29 @@ def summarize_run(run: RunData) -> RunSummary:
         final_accuracy=acc[-1] if acc else None,
         final_loss=evals[-1].get("eval/loss") if evals else None,
         coefficients=coeffs,
+        head_kinds=kinds,
+        induction_scores=scores,
+        induction_threshold=INDUCTION_THRESHOLD,
     )
+
+
+def probe_tokens(run: RunData, batch_size: int = 8, seed: int = 0) -> torch.Tensor:
+    """``[batch, pos]`` repeated random tokens for the probes, in the run's own format: a BOS
+    first when the task has one, ids from the task's vocabulary, a run as long as fits twice."""
+    cfg = run.model.cfg
+    task = _synthetic_task(run)
+    d_vocab = task.d_vocab if task is not None else cfg.d_vocab
+    bos = bool(getattr(task, "bos", False))
+    run_length = max(2, min(32, (cfg.n_ctx - bos) // 2, d_vocab - bos))
+    seq_task = RepeatedTokensTask(d_vocab=d_vocab, run_length=run_length, n_repeats=2,
+                                  distinct=True, bos=bos)
+    return seq_task.sample(batch_size, torch.Generator().manual_seed(seed)).tokens
+
+
+def classify_run_heads(run: RunData):
+    """The probes' taxonomy (:func:`probes.classify_heads`) of the run's model on
+    :func:`probe_tokens`."""
+    return classify_heads(run.model, probe_tokens(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +341,8 @@ class Item:
     caption: str
     figure: go.Figure | None = None
     view: P.CircuitsVisHTML | None = None
+    html: str | None = None
+    """Ready HTML (e.g. a table), escaped by whoever built it."""
 
 
 def _synthetic_task(run: RunData):
@@ -300,21 +388,29 @@ def landscape_items(run: RunData, grid: int = 15, n_sequences: int = 16,
         paths = {}
         if "k" in coeffs and "v" in coeffs:
             for h in heads:
-                paths[F.head_label(0, h)] = (coeffs["k"][:, 0, h, 0].tolist(),
-                                             coeffs["v"][:, 0, h, 0].tolist())
+                paths[F.head_label(0, h)] = (current_share(coeffs["k"][:, 0, h]).tolist(),
+                                             current_share(coeffs["v"][:, 0, h]).tolist())
         name = f"landscape_L0H{heads[0]}" if len(heads) == 1 else "landscape_L0"
         which = (f"head {heads[0]}" if len(heads) == 1 else "all heads together")
         lo, hi = land.argmin()
+        gains = "; ".join(f"{k}: key gain {gk:.2f}, value gain {gv:.2f}"
+                          for k, (gk, gv) in land.gains.items())
         items.append(Item(
             name=name, title=f"Loss landscape, layer 0, {which}",
-            caption=(f"Masked loss on {land.n_sequences} sequences of {task_note} with "
-                     f"(α1, α2, β1, β2) = (a, 1 - a, b, 1 - b) set through the coefficient hooks "
-                     f"for {which} (other heads keep their learned coefficients); arrows point "
-                     f"down the gradient. A head's marker is its learned (α1, β1), its line the "
-                     f"path during training; its learned α2 and β2 need not be 1 - α1 and 1 - β1. "
-                     f"Lowest loss on the grid: {float(land.loss.min()):.3f} "
-                     f"at (α1, β1) = ({lo:.2f}, {hi:.2f}); the trained model's loss is "
-                     f"{land.model_loss:.3f}. Computed in {time.perf_counter() - t0:.1f} s."),
+            caption=(f"Masked loss on {land.n_sequences} sequences of {task_note}, in mix "
+                     f"coordinates: x is the key's share of the current position a = α1 / (|α1| "
+                     f"+ |α2|), y the value's b = β1 / (|β1| + |β2|); 1 reads only the current "
+                     f"position, 0 only the previous one. At each grid point the coefficient "
+                     f"hooks set {which} to the head's own gain times that mix, (α1, α2) = "
+                     f"g_α (a, 1 - |a|), (β1, β2) = g_β (b, 1 - |b|) (the lag-1 term keeps the "
+                     f"head's sign), other heads keep their learned coefficients; so a trained "
+                     f"head lies on the surface whatever its gain ({gains}). Arrows point down "
+                     f"the gradient in (a, b). A head's marker is its learned mix, its line the "
+                     f"path of its mix during training. The star (0, 1) is the paper's induction "
+                     f"head, the square (1, 1) vanilla attention. Lowest loss on the grid: "
+                     f"{float(land.loss.min()):.3f} at (a, b) = ({lo:.2f}, {hi:.2f}); the trained "
+                     f"model's loss is {land.model_loss:.3f}. Computed in "
+                     f"{time.perf_counter() - t0:.1f} s."),
             figure=F.landscape_figure(land, paths=paths)))
     return items, []
 
@@ -388,25 +484,35 @@ def run_items(run: RunData, landscape: bool = True, landscape_grid: int = 15,
     if coefficients is not None:
         items.append(Item(
             name="coefficients", title="Learned shift coefficients",
-            caption=("Every head's coefficients at the end of training, layer × head, one panel "
-                     "per coefficient: α multiplies keys, β values; α1 the current position, α2 "
-                     "the previous one. Vanilla attention is α1 = β1 = 1, α2 = β2 = 0; the "
-                     "paper's one-layer induction head α1 = 0, α2 = 1, β1 = 1, β2 = 0."),
+            caption=("Every head's coefficients at the end of training, layer × head, read as a "
+                     "gain times a mix: α multiplies keys, β values; lag 1 (α1, β1) is the "
+                     "current position, lag 2 the previous one. Gain = |α1| + |α2| (grey, how "
+                     "much the shift scales the keys; free coefficients trained at a high "
+                     "learning rate grow it well above 1), mix = α / gain (red-blue, in [-1, 1]: "
+                     "what the key is made of). Compare heads by their mix, not by raw values. "
+                     "Vanilla attention is mix (1, 0) for keys and values; the paper's one-layer "
+                     "induction head key mix (0, 1), value mix (1, 0). Hover a cell for the raw "
+                     "values."),
             figure=F.coefficient_heatmaps(coefficients,
                                           title="Shift coefficients of the final model")))
         if any(r.get("coefficients") for r in run.evals):
             items.append(Item(
                 name="trajectories", title="Coefficients during training",
-                caption="Each head's coefficients at every evaluation.",
+                caption=("Each head's gain (first column) and mix (current, previous) of keys "
+                         "(α) and values (β) at every evaluation; the raw coefficient is gain × "
+                         "mix."),
                 figure=F.coefficient_trajectories(run.evals)))
             logged = F.as_coefficient_arrays(
                 next(r for r in run.evals if r.get("coefficients"))["coefficients"])
             if "k" in logged and "v" in logged:
                 items.append(Item(
-                    name="plane", title="Heads in the (α1, β1) plane",
-                    caption=("Each head's (α1, β1) at every evaluation, from the open circle "
-                             "(first evaluation) to the large marker (last). The star is the "
-                             "induction point (0, 1), the square vanilla attention (1, 1)."),
+                    name="plane", title="Heads by their keys' and values' current share",
+                    caption=("Each head at every evaluation, from the open circle (first "
+                             "evaluation) to the large marker (last): x is the key's share of the "
+                             "current position α1 / (|α1| + |α2|), y the value's β1 / (|β1| + "
+                             "|β2|), so heads of any gain compare. The star is the induction point "
+                             "(0, 1): keys read the previous token, values the current one; the "
+                             "square vanilla attention (1, 1). Hover for the raw α and β."),
                     figure=F.coefficient_plane(run.evals)))
     else:
         notes.append("the model has no shifted projection, so there are no coefficient figures")
@@ -436,6 +542,7 @@ pre.summary { background: #f4f4f4; padding: 12px 16px; border-radius: 4px; overf
 table.coeffs { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.coeffs td, table.coeffs th { border: 1px solid #ddd; padding: 3px 10px; text-align: right; }
 table.coeffs tr.induction { background: #fff3cd; }
+table.coeffs .raw { color: #777; }
 .note { color: #8a5a00; }
 .static a { margin-right: 0.8em; }
 """
@@ -457,15 +564,41 @@ def _coefficient_table(summary: RunSummary) -> str:
     rows = summary.head_rows()
     if not rows:
         return ""
-    names = list(rows[0][1])
+    mixes = dict(summary.mix_rows())
+    mix_names = list(mixes[rows[0][0]])
+    raw_names = list(rows[0][1])
     best = summary.induction_head()
-    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    head = ("".join(f"<th>{html.escape(n)}</th>" for n in mix_names)
+            + "<th>induction score</th><th>class</th>"
+            + "".join(f"<th class=raw>{html.escape(n)} (raw)</th>" for n in raw_names))
+
+    def score(label: str) -> str:
+        value = summary.induction_scores.get(label)
+        return "n/a" if value is None else f"{value:.3f}"
+
     body = "".join(
         f'<tr{" class=induction" if label == best else ""}><th>{label}</th>'
-        + "".join(f"<td>{values[n]:.3f}</td>" for n in names) + "</tr>" for label, values in rows)
-    note = (f"<p class=caption>Highlighted: {best}, the head nearest the induction point "
-            "(α1, β1) = (0, 1).</p>" if best else "")
-    return f"<table class=coeffs><tr><th>head</th>{head}</tr>{body}</table>{note}"
+        + "".join(f"<td>{mixes[label][n]:.3f}</td>" for n in mix_names)
+        + f"<td>{score(label)}</td><td>{html.escape(summary.head_kinds.get(label, ''))}</td>"
+        + "".join(f"<td class=raw>{values[n]:.3f}</td>" for n in raw_names) + "</tr>"
+        for label, values in rows)
+    if best:
+        note = (f"Highlighted: {best}, measured induction score {score(best)}, the head nearest "
+                "the induction point by mix (key mix (0, 1): keys read only the previous "
+                "position; value mix (1, 0): values only the current one) among the heads the "
+                f"probes measure as induction heads (score ≥ {summary.induction_threshold:g}).")
+    elif summary.induction_scores:
+        note = ("No head is highlighted: none has a measured induction score of at least "
+                f"{summary.induction_threshold:g}.")
+    else:
+        note = "No head is highlighted: induction scores need the model, which was not found."
+    note += (" Gain = sum of |c| over lags, mix = c / gain (the share of each lag, current then "
+             "previous); the raw coefficients are gain × mix. Induction score: the attention the "
+             "second copy of a repeated random sequence pays (through the value shift when there "
+             "is one) to the token after the current token's first copy, in [0, 1]. Class: the "
+             "probes' taxonomy (probes.classify_heads).")
+    return (f"<table class=coeffs><tr><th>head</th>{head}</tr>{body}</table>"
+            f"<p class=caption>{html.escape(note)}</p>")
 
 
 def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes: Sequence[str],
@@ -475,6 +608,8 @@ def render_html(run: RunData, summary: RunSummary, items: Sequence[Item], notes:
     for item in items:
         if item.figure is not None:
             content = _figure_html(item)
+        elif item.html is not None:
+            content = item.html
         else:
             content = item.view.body
         links = ""
@@ -528,6 +663,136 @@ offline.</p>
 """
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table class=coeffs><tr>{head}</tr>{body}</table>"
+
+
+def comparison_items(run_dirs: Mapping[str, str | Path], batch_size: int = 128,
+                     seed: int = 0) -> tuple[list[Item], dict[str, Any]]:
+    """Sections comparing several runs of one task (the demo's KV-shift and vanilla models): their
+    evaluation accuracy and loss together, each model's head taxonomy with every head's
+    zero-ablation effect, and for shifted models the effect of removing the key or the value
+    shift of its induction heads.
+
+    Args:
+        run_dirs: ``{name: run folder}``; each needs a model.
+        batch_size: sequences of each run's own task the ablations are measured on.
+        seed: seed of those sequences.
+
+    Returns:
+        ``(items, data)``: report items, and per run ``{"heads": [...], "shift_ablations":
+        [...], "accuracy": ...}`` with the numbers shown.
+    """
+    from probes.ablation import ablate_each_head, ablation_effect, remove_key_shift, remove_value_shift
+
+    runs = {name: load_run(d) for name, d in run_dirs.items()}
+    fig = make_comparison_curves({n: r.records for n, r in runs.items()})
+    items = [Item(name="compare_curves", title="The models compared: accuracy and loss",
+                  caption=("Evaluation accuracy (solid, right axis) and evaluation loss (dotted, "
+                           "left axis) of every model on the same task, one colour per model."),
+                  figure=fig)]
+    data: dict[str, Any] = {}
+    taxonomy_rows, shift_rows = [], []
+    for name, run in runs.items():
+        if run.model is None:
+            raise ReportError(f"run {name} ({run.run_dir}) has no model to probe")
+        task = _synthetic_task(run)
+        if task is None:
+            raise ReportError(f"run {name} has no synthetic task to measure ablations on")
+        heads = classify_run_heads(run)
+        table = ablate_each_head(run.model, task, batch_size=batch_size, seed=seed)
+        rows = []
+        for h in heads:
+            after = float(table.accuracy[h.layer, h.head])
+            rows.append({"layer": h.layer, "head": h.head, "kind": h.kind.value,
+                         "previous_token": round(float(h.previous_token), 3),
+                         "induction": round(float(h.induction), 3),
+                         "accuracy_zero_ablated": round(after, 3)})
+            taxonomy_rows.append([name, F.head_label(h.layer, h.head), h.kind.value,
+                                  f"{h.previous_token:.3f}", f"{h.induction:.3f}",
+                                  f"{table.accuracy_before:.3f}", f"{after:.3f}"])
+        entry: dict[str, Any] = {"accuracy": round(float(table.accuracy_before), 4),
+                                 "heads": rows, "shift_ablations": []}
+        cfg = run.model.cfg
+        induction = [h for h in heads if h.kind.value == "induction_via_shift"]
+        if cfg.shift_k or cfg.shift_v:
+            for h in induction:
+                for what, make, on in (("key shift", remove_key_shift, cfg.shift_k),
+                                       ("value shift", remove_value_shift, cfg.shift_v)):
+                    if not on:
+                        continue
+                    eff = ablation_effect(run.model, task, [make(run.model, h.layer, h.head)],
+                                          batch_size=batch_size, seed=seed)
+                    entry["shift_ablations"].append({
+                        "head": F.head_label(h.layer, h.head), "removed": what,
+                        "accuracy_before": round(eff.accuracy_before, 4),
+                        "accuracy_after": round(eff.accuracy_after, 4)})
+                    shift_rows.append([name, F.head_label(h.layer, h.head), what,
+                                       f"{eff.accuracy_before:.3f}", f"{eff.accuracy_after:.3f}"])
+            if len(induction) > 1:
+                for what, make, on in (("key shift", remove_key_shift, cfg.shift_k),
+                                       ("value shift", remove_value_shift, cfg.shift_v)):
+                    if not on:
+                        continue
+                    eff = ablation_effect(run.model, task,
+                                          [make(run.model, h.layer, h.head) for h in induction],
+                                          batch_size=batch_size, seed=seed)
+                    entry["shift_ablations"].append({
+                        "head": "all induction heads", "removed": what,
+                        "accuracy_before": round(eff.accuracy_before, 4),
+                        "accuracy_after": round(eff.accuracy_after, 4)})
+                    shift_rows.append([name, "all induction heads", what,
+                                       f"{eff.accuracy_before:.3f}", f"{eff.accuracy_after:.3f}"])
+        data[name] = entry
+    items.append(Item(
+        name="compare_heads", title="Every model's heads: taxonomy and zero ablation",
+        caption=(f"Class: the probes' taxonomy (probes.classify_heads) on repeated random tokens "
+                 f"in each run's format. Previous-token and induction scores: the head's "
+                 f"attention (on value sources) to the previous token, and from a repeated "
+                 f"token to the token after its first copy, in [0, 1]; a head gets a class from "
+                 f"{INDUCTION_THRESHOLD:g}. Accuracy: on {batch_size} sequences of the run's "
+                 f"task, as trained and with the head's output (hook_z) set to zero. A head "
+                 f"classed 'other' whose ablation costs accuracy does a job no single score "
+                 f"names, for example a previous-token role shared by several heads each below "
+                 f"the threshold."),
+        html=_table(["model", "head", "class", "previous-token score", "induction score",
+                     "accuracy", "accuracy, head zeroed"], taxonomy_rows)))
+    if shift_rows:
+        items.append(Item(
+            name="compare_shift_ablations", title="Removing the shift of the induction heads",
+            caption=("For each head classed induction_via_shift (and all of them at once): "
+                     "accuracy as trained and with its key shift removed (its α set to the "
+                     "identity (1, 0), so K' = K: probes.remove_key_shift) or its value shift "
+                     "removed (β = (1, 0), V' = V: probes.remove_value_shift)."),
+            html=_table(["model", "head", "removed", "accuracy", "accuracy after"],
+                        shift_rows)))
+    return items, data
+
+
+def make_comparison_curves(records: Mapping[str, Sequence[Mapping[str, Any]]]) -> go.Figure:
+    """Evaluation accuracy and loss of several runs on one figure (``{name: records}``)."""
+    fig = go.Figure()
+    for i, (name, recs) in enumerate(records.items()):
+        evals = [r for r in recs if r.get("kind") == "eval" and "eval/accuracy" in r]
+        steps = [r["step"] for r in evals]
+        color = F.PALETTE[i % len(F.PALETTE)]
+        fig.add_trace(go.Scatter(x=steps, y=[r["eval/accuracy"] for r in evals], name=
+                                 f"{name} accuracy", yaxis="y2", line=dict(color=color, width=2),
+                                 meta={"run": name, "metric": "accuracy"}))
+        fig.add_trace(go.Scatter(x=steps, y=[r.get("eval/loss") for r in evals],
+                                 name=f"{name} loss", line=dict(color=color, dash="dot"),
+                                 meta={"run": name, "metric": "loss"}))
+    fig.update_layout(template=F.TEMPLATE, height=460, xaxis=dict(title="step"),
+                      yaxis=dict(title="evaluation loss"),
+                      yaxis2=dict(title="evaluation accuracy", overlaying="y", side="right",
+                                  range=[0, 1.02]),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
 @dataclass
 class ReportOutcome:
     """What :func:`generate_report` wrote."""
@@ -547,6 +812,7 @@ def generate_report(
     landscape_grid: int = 15,
     n_sequences: int = 16,
     seed: int = 0,
+    extra_items: Sequence[Item] = (),
 ) -> ReportOutcome:
     """Write the report of a run folder (see the module docstring) and say what was written.
 
@@ -558,6 +824,8 @@ def generate_report(
         landscape_grid: grid points per axis of the landscape.
         n_sequences: induction sequences the landscape's loss averages over.
         seed: seed of the landscape batch and the example sequence.
+        extra_items: more sections, placed after the training curves (e.g.
+            :func:`comparison_items`).
 
     Raises:
         ReportError: ``run_dir`` is not a readable run folder.
@@ -570,6 +838,7 @@ def generate_report(
     summary = summarize_run(run)
     items, notes = run_items(run, landscape=landscape, landscape_grid=landscape_grid,
                              n_sequences=n_sequences, seed=seed)
+    items[1:1] = list(extra_items)
     logger.info("built %d report items in %.1f s", len(items), time.perf_counter() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
     exported = None
@@ -595,6 +864,7 @@ __all__ = [
     "ReportOutcome",
     "RunData",
     "RunSummary",
+    "comparison_items",
     "generate_report",
     "load_run",
     "summarize_run",

@@ -111,13 +111,16 @@ coefficient_plane(run.records)
 from kvshift_lens.train.tasks import build_task
 from kvshift_lens.viz import landscape_figure, loss_landscape
 from kvshift_lens.viz.figures import eval_coefficients
+from kvshift_lens.viz.landscape import current_share
 
 land = loss_landscape(run.model, build_task(TASK), layer=0, heads=None, grid=7 if FAST else 21,
                       n_sequences=8 if FAST else 32)
 steps, logged = eval_coefficients(run.evals)  # logged[which]: [eval, layer, head, lag]
-paths = {f"L0H{h}": (logged["k"][:, 0, h, 0], logged["v"][:, 0, h, 0]) for h in land.heads}
+# the landscape is in mix coordinates (each head's share of the current position, at its own gain)
+paths = {f"L0H{h}": (current_share(logged["k"][:, 0, h]), current_share(logged["v"][:, 0, h]))
+         for h in land.heads}
 a1, b1 = land.argmin()
-print(f"lowest loss on the grid at (α1, β1) = ({a1:.2f}, {b1:.2f}); trained model: {land.model_loss:.3f}")
+print(f"lowest loss on the grid at (key share, value share) = ({a1:.2f}, {b1:.2f}); trained model: {land.model_loss:.3f}")
 landscape_figure(land, paths=paths)
 
 # %% [markdown]

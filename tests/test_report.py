@@ -143,9 +143,38 @@ def test_summary_states_the_runs_numbers(tiny_run):
     assert set(rows) == {"L0H0", "L0H1"}
     assert rows["L0H1"]["α2"] == float(coeffs["k"][0, 1, 1])
     assert rows["L0H0"]["β1"] == float(coeffs["v"][0, 0, 0])
+    mixes = dict(summary.mix_rows())
+    k = coeffs["k"][0, 1].double()
+    assert mixes["L0H1"]["α gain"] == pytest.approx(float(k.abs().sum()))
+    assert mixes["L0H1"]["α mix, previous"] == pytest.approx(float(k[1] / k.abs().sum()))
+    assert set(summary.induction_scores) == {"L0H0", "L0H1"}
     text = summary.to_text()
-    assert "L0H1" in text and "nearest the induction point" in text
+    assert "L0H1" in text and "gain x mix" in text and "α2 " in text  # raw values kept
     assert "1 layer, d_model 16, 2 heads, shift kv (window 1)" in text
+    best = summary.induction_head()
+    if best is None:
+        assert "nearest the induction point" not in text
+    else:
+        assert summary.induction_scores[best] >= summary.induction_threshold
+
+
+def test_nearest_the_induction_point_is_chosen_by_mix_among_measured_induction_heads():
+    """The demo's failure: raw distances pick a head of small gain; by mix among heads the probes
+    measure as induction heads the choice is the head whose keys read the previous position."""
+    from kvshift_lens.report import RunSummary
+
+    coeffs = {"k": [[[0.311, 4.368], [0.603, 3.639], [0.0, 1.0]]],
+              "v": [[[3.441, -0.006], [1.595, -0.089], [1.0, 0.0]]]}
+    summary = RunSummary(name="x", description="", steps=1, target_accuracy=0.9,
+                         steps_to_target=None, phase_change=None, final_accuracy=None,
+                         final_loss=None, coefficients=coeffs,
+                         induction_scores={"L0H0": 0.96, "L0H1": 0.40, "L0H2": 0.1})
+    # raw (α1, β1) distance to (0, 1) would pick L0H1 ((0.60, 1.60) vs (0.31, 3.44))
+    assert summary.induction_head() == "L0H0"
+    # L0H2 is exactly at the induction point but the probes say it is no induction head
+    assert "L0H2" != summary.induction_head()
+    summary.induction_scores = {}
+    assert summary.induction_head() is None
 
 
 def test_report_of_a_vanilla_two_layer_run_leaves_out_what_does_not_apply(tmp_path):

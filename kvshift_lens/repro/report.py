@@ -626,7 +626,7 @@ def landscape_section(sweep: Sweep, command: str, grid: int = 21) -> Section:
     task = build_task(dict(sweep.specs[run.name]["task"]))
     with torch.enable_grad():
         land = loss_landscape(model, task, layer=0, heads=None, grid=grid, n_sequences=32,
-                              seed=1234)
+                              seed=1234, coords="raw")
     toward = toward_fraction(land)
     lo_a, lo_b = land.argmin()
     # The paper: the flow towards (0, 1) is more consistent the longer the sequences (its O(T)
@@ -637,7 +637,7 @@ def landscape_section(sweep: Sweep, command: str, grid: int = 21) -> Section:
         other = dataclasses.replace(task, seq_len=seq_len, max_length=None)
         with torch.enable_grad():
             land_t = loss_landscape(model, other, layer=0, heads=None, grid=max(5, grid // 2 + 1),
-                                    n_sequences=32, seed=1234)
+                                    n_sequences=32, seed=1234, coords="raw")
         by_length[seq_len] = (toward_fraction(land_t), land_t.argmin())
     # Where every head of every convex run ended, and the paths of the first run.
     by_head = list(_ends_by_run(sweep, runs))

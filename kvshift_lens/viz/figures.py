@@ -10,6 +10,14 @@ Coefficient names follow PAPER.md: ``alpha_{l+1}`` multiplies the key ``l`` posi
 queries are shifted. In the (alpha1, beta1) plane the paper's one-layer induction head sits at
 (0, 1) and vanilla attention (``alpha1 = beta1 = 1``, the identity shift) at (1, 1).
 
+Coefficients are shown by default as a *gain* times a *mix* over lags
+(:func:`kvshift_lens.shift.gain_and_mix`: ``gain = sum_l |c_l|``, ``mix = c / gain``), because
+free coefficients trained at a high learning rate grow into gains (alpha2 of 4 is a mix of about
+0.9 at gain 4.5) and raw values then compare scales, not roles. The mix coordinates of the plane
+and the landscape are each projection's *current share* ``c_0 / sum_l |c_l|`` (1: the position
+sees only itself, 0: only the previous position), where the induction point and vanilla attention
+are again (0, 1) and (1, 1). ``view="raw"`` shows the raw values.
+
 Traces carry ``meta`` dicts (e.g. ``{"which": "k", "lag": 0}``, ``{"layer": 0, "head": 1}``) so
 code and tests can find the trace that shows a given quantity.
 """
@@ -37,6 +45,31 @@ VANILLA_POINT = (1.0, 1.0)
 
 TEMPLATE = "plotly_white"
 PALETTE = qualitative.D3 + qualitative.Set2
+
+
+VIEWS = ("mix", "raw")
+
+
+def _check_view(view: str) -> str:
+    if view not in VIEWS:
+        raise ValueError(f"view={view!r}: expected one of {VIEWS} ('mix': gain and mix over lags; "
+                         "'raw': the coefficients as stored)")
+    return view
+
+
+def gain_mix_arrays(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(gain [...], mix [..., lag])`` of coefficients ``[..., lag]`` as numpy arrays (see
+    :func:`kvshift_lens.shift.gain_and_mix`)."""
+    from kvshift_lens.shift import gain_and_mix
+
+    gain, mix = gain_and_mix(torch.as_tensor(_as_array(values, "coefficients")))
+    return gain.numpy(), mix.numpy()
+
+
+def mix_label(which: str, lag: int) -> str:
+    """``"α mix, current"`` / ``"β mix, previous"``: the share of lag ``lag`` in the mix."""
+    where = "current" if lag == 0 else ("previous" if lag == 1 else f"{lag} back")
+    return f"{coefficient_label(which, lag)[0]} mix, {where}"
 
 
 def coefficient_label(which: str, lag: int) -> str:
@@ -108,21 +141,29 @@ def coefficient_heatmaps(
     coefficients: Any,
     which: Sequence[str] | None = None,
     title: str = "Shift coefficients",
+    view: str = "mix",
 ) -> go.Figure:
     """Heatmaps layer x head of every shift coefficient: one row per shifted projection (keys,
-    values, queries), one panel per lag (alpha1 and alpha2 for the paper's window 1; alpha3, ...
-    for longer windows).
+    values, queries).
+
+    ``view="mix"`` (default): per projection a gain panel (``sum_l |c_l|``, its own colour scale
+    from 0) and one mix panel per lag (``c_l / gain``, in [-1, 1]). ``view="raw"``: one panel per
+    lag with the stored values (alpha1 and alpha2 for the paper's window 1).
 
     Args:
         coefficients: a model's ``shift_coefficients()`` or ``{which: [layer, head, lag]}``.
         which: the projections to show (default: every shifted one).
+        view: ``"mix"`` or ``"raw"``.
 
     Returns:
-        A figure whose heatmap traces have ``z[layer][head]`` equal to the coefficients and
-        ``meta = {"which": ..., "lag": ...}``; one colour scale, centred on 0, shared by all.
+        A figure whose heatmap traces have ``z[layer][head]`` equal to the shown quantity and
+        ``meta = {"which": ..., "lag": ..., "quantity": "raw" | "gain" | "mix"}`` (``lag`` None
+        for the gain); raw and mix panels share one colour scale centred on 0.
     """
     coeffs = as_coefficient_arrays(coefficients)
     rows = _select(coeffs, which)
+    if _check_view(view) == "mix":
+        return _gain_mix_heatmaps(coeffs, rows, title)
     n_lags = max(coeffs[w].shape[2] for w in rows)
     titles = [_lag_title(w, lag) if lag < coeffs[w].shape[2] else "" for w in rows
               for lag in range(n_lags)]
@@ -136,7 +177,7 @@ def coefficient_heatmaps(
             fig.add_trace(go.Heatmap(
                 z=values[:, :, lag].tolist(), x=list(range(n_heads)), y=list(range(n_layers)),
                 coloraxis="coloraxis", texttemplate="%{z:.2f}", name=coefficient_label(w, lag),
-                meta={"which": w, "lag": lag},
+                meta={"which": w, "lag": lag, "quantity": "raw"},
                 hovertemplate=(f"{coefficient_label(w, lag)}<br>layer %{{y}}, head %{{x}}"
                                "<br>%{z:.4f}<extra></extra>")),
                 row=r, col=lag + 1)
@@ -147,6 +188,46 @@ def coefficient_heatmaps(
         title=title, template=TEMPLATE, height=260 * len(rows) + 80,
         coloraxis=dict(colorscale="RdBu_r", cmin=-bound, cmax=bound,
                        colorbar=dict(title="value")))
+    return fig
+
+
+def _gain_mix_heatmaps(coeffs: dict[str, np.ndarray], rows: list[str], title: str) -> go.Figure:
+    n_lags = max(coeffs[w].shape[2] for w in rows)
+    titles = []
+    for w in rows:
+        titles.append(f"{SYMBOLS[w]} gain: {PROJECTIONS[w]} (sum of |{SYMBOLS[w]}|)")
+        titles += [mix_label(w, lag) if lag < coeffs[w].shape[2] else ""
+                   for lag in range(n_lags)]
+    fig = make_subplots(rows=len(rows), cols=n_lags + 1, subplot_titles=titles,
+                        horizontal_spacing=0.07, vertical_spacing=0.18 if len(rows) > 1 else 0.1)
+    gain_max = 1.0
+    for r, w in enumerate(rows, start=1):
+        gain, mix = gain_mix_arrays(coeffs[w])  # [layer, head], [layer, head, lag]
+        gain_max = max(gain_max, float(gain.max()))
+        n_layers, n_heads = gain.shape
+        raw = coeffs[w]
+        panels = [(None, "gain", gain, "coloraxis2")] + [
+            (lag, "mix", mix[:, :, lag], "coloraxis") for lag in range(mix.shape[2])]
+        for col, (lag, quantity, z, axis) in enumerate(panels, start=1):
+            name = (f"{SYMBOLS[w]} gain" if lag is None else mix_label(w, lag))
+            raw_text = [[", ".join(f"{coefficient_label(w, lg)} {raw[i, j, lg]:.3f}"
+                                   for lg in range(raw.shape[2])) for j in range(n_heads)]
+                        for i in range(n_layers)]
+            fig.add_trace(go.Heatmap(
+                z=z.tolist(), x=list(range(n_heads)), y=list(range(n_layers)), coloraxis=axis,
+                texttemplate="%{z:.2f}", name=name, customdata=raw_text,
+                meta={"which": w, "lag": lag, "quantity": quantity},
+                hovertemplate=(f"{name}<br>layer %{{y}}, head %{{x}}<br>%{{z:.4f}}"
+                               "<br>raw: %{customdata}<extra></extra>")),
+                row=r, col=col)
+            fig.update_xaxes(title_text="head", dtick=1, row=r, col=col)
+            fig.update_yaxes(title_text="layer", dtick=1, autorange="reversed", row=r, col=col)
+    fig.update_layout(
+        title=title, template=TEMPLATE, height=260 * len(rows) + 80,
+        coloraxis=dict(colorscale="RdBu_r", cmin=-1, cmax=1,
+                       colorbar=dict(title="mix", x=1.02)),
+        coloraxis2=dict(colorscale="Greys", cmin=0, cmax=gain_max,
+                        colorbar=dict(title="gain", x=1.12)))
     return fig
 
 
@@ -175,44 +256,65 @@ def coefficient_trajectories(
     records: Sequence[Mapping[str, Any]],
     which: Sequence[str] | None = None,
     title: str = "Shift coefficients during training",
+    view: str = "mix",
 ) -> go.Figure:
-    """Every head's coefficients over training: one panel per coefficient (rows: projections,
-    columns: lags), one line per head.
+    """Every head's coefficients over training, one line per head (rows: projections).
+
+    ``view="mix"`` (default): columns are the gain (``sum_l |c_l|``) and the mix of each lag
+    (``c_l / gain``); ``view="raw"``: one column per lag with the logged values.
 
     Args:
         records: metrics.jsonl records (evaluation records carry ``"coefficients"``
             ``{which: [layer][head][lag]}``); other kinds are ignored.
         which: the projections to show (default: every logged one).
+        view: ``"mix"`` or ``"raw"``.
 
     Returns:
-        A figure with one line per (projection, lag, layer, head): ``x`` the steps, ``y`` the
-        logged values, ``meta = {"which", "lag", "layer", "head"}``.
+        A figure with one line per (projection, panel, layer, head): ``x`` the steps, ``y`` the
+        shown values, ``meta = {"which", "lag", "layer", "head", "quantity"}`` (``quantity``
+        ``"raw"``, ``"gain"`` (``lag`` None) or ``"mix"``).
     """
     steps, coeffs = eval_coefficients(eval_records(records))
     rows = _select(coeffs, which)
     n_lags = max(coeffs[w].shape[3] for w in rows)
-    titles = [_lag_title(w, lag) if lag < coeffs[w].shape[3] else "" for w in rows
-              for lag in range(n_lags)]
-    fig = make_subplots(rows=len(rows), cols=n_lags, subplot_titles=titles, shared_xaxes=True,
-                        horizontal_spacing=0.07, vertical_spacing=0.12)
+    mixed = _check_view(view) == "mix"
+    if mixed:
+        titles = []
+        for w in rows:
+            titles.append(f"{SYMBOLS[w]} gain ({PROJECTIONS[w]})")
+            titles += [mix_label(w, lag) if lag < coeffs[w].shape[3] else ""
+                       for lag in range(n_lags)]
+    else:
+        titles = [_lag_title(w, lag) if lag < coeffs[w].shape[3] else "" for w in rows
+                  for lag in range(n_lags)]
+    fig = make_subplots(rows=len(rows), cols=n_lags + mixed, subplot_titles=titles,
+                        shared_xaxes=True, horizontal_spacing=0.07, vertical_spacing=0.12)
     for r, w in enumerate(rows, start=1):
         values = coeffs[w]
         _, n_layers, n_heads, lags = values.shape
-        for lag in range(lags):
+        if mixed:
+            gain, mix = gain_mix_arrays(values)  # [eval, layer, head], [eval, layer, head, lag]
+            panels = [(None, "gain", gain)] + [(lag, "mix", mix[..., lag]) for lag in range(lags)]
+        else:
+            panels = [(lag, "raw", values[..., lag]) for lag in range(lags)]
+        for col, (lag, quantity, shown) in enumerate(panels, start=1):
+            name = (f"{SYMBOLS[w]} gain" if lag is None else
+                    mix_label(w, lag) if mixed else coefficient_label(w, lag))
             for layer in range(n_layers):
                 for head in range(n_heads):
                     label = head_label(layer, head)
                     fig.add_trace(go.Scatter(
-                        x=steps, y=values[:, layer, head, lag].tolist(), mode="lines",
+                        x=steps, y=shown[:, layer, head].tolist(), mode="lines",
                         name=label, legendgroup=label,
-                        showlegend=(r == 1 and lag == 0),
+                        showlegend=(r == 1 and col == 1),
                         line=dict(color=_color(layer * n_heads + head), width=2),
-                        meta={"which": w, "lag": lag, "layer": layer, "head": head},
-                        hovertemplate=(f"{label} {coefficient_label(w, lag)}<br>step %{{x}}: "
+                        meta={"which": w, "lag": lag, "layer": layer, "head": head,
+                              "quantity": quantity},
+                        hovertemplate=(f"{label} {name}<br>step %{{x}}: "
                                        "%{y:.3f}<extra></extra>")),
-                        row=r, col=lag + 1)
+                        row=r, col=col)
             fig.update_yaxes(title_text=coefficient_label(w, 0)[0], row=r, col=1)
-    for c in range(1, n_lags + 1):
+    for c in range(1, n_lags + mixed + 1):
         fig.update_xaxes(title_text="step", row=len(rows), col=c)
     fig.update_layout(title=title, template=TEMPLATE, height=280 * len(rows) + 90,
                       legend=dict(title="head"))
@@ -231,14 +333,25 @@ def _reference_points(fig: go.Figure, text_color: str = "#333") -> None:
             hovertemplate=f"{name}<extra></extra>"))
 
 
+def _axis_titles(coords: str) -> tuple[str, str]:
+    if coords == "mix":
+        return ("key's share of the current position, α1 / (|α1| + |α2|)",
+                "value's share of the current position, β1 / (|β1| + |β2|)")
+    return "α1 (key weight on its own token)", "β1 (value weight on its own token)"
+
+
 def coefficient_plane(
     records: Sequence[Mapping[str, Any]],
     layers: Sequence[int] | None = None,
-    title: str = "Heads in the (α1, β1) plane during training",
+    title: str | None = None,
+    view: str = "mix",
 ) -> go.Figure:
-    """Every head as a point moving through the (alpha1, beta1) plane over training.
+    """Every head as a point moving through the plane of its key's and value's own-position
+    weight over training.
 
-    alpha1 is the key's weight on its own position, beta1 the value's (lag 0). Each head is a
+    ``view="mix"`` (default): x is the key's current share ``alpha1 / (|alpha1| + |alpha2|)``,
+    y the value's ``beta1 / (|beta1| + |beta2|)`` (scale-free, in [-1, 1]); ``view="raw"``: x is
+    alpha1, y beta1, the key's and value's weight on its own position (lag 0). Each head is a
     line with markers from its first to its last evaluation; its final position is a large
     marker (the ``"final"`` trace). The induction point (0, 1) and vanilla attention (1, 1) are
     marked.
@@ -247,17 +360,25 @@ def coefficient_plane(
         records: metrics.jsonl records whose evaluations carry both ``k`` and ``v``
             coefficients.
         layers: the layers to show (default: all).
+        view: ``"mix"`` or ``"raw"``.
 
     Returns:
         A figure with one path per head (``meta = {"layer", "head"}``), a ``"final"`` trace whose
-        ``x``/``y`` are the final alpha1/beta1 of the shown heads in (layer, head) order, and a
-        ``"start"`` trace likewise for the first evaluation.
+        ``x``/``y`` are the final coordinates of the shown heads in (layer, head) order, and a
+        ``"start"`` trace likewise for the first evaluation; raw alpha and beta are in the hover.
     """
     steps, coeffs = eval_coefficients(eval_records(records))
     if "k" not in coeffs or "v" not in coeffs:
         raise ValueError("the (α1, β1) plane needs both keys and values shifted; logged: "
                          f"{list(coeffs)}")
-    alpha1, beta1 = coeffs["k"][..., 0], coeffs["v"][..., 0]  # [eval, layer, kv_head]
+    mixed = _check_view(view) == "mix"
+    if mixed:
+        alpha1 = gain_mix_arrays(coeffs["k"])[1][..., 0]  # [eval, layer, kv_head]
+        beta1 = gain_mix_arrays(coeffs["v"])[1][..., 0]  # [eval, layer, kv_head]
+        xn, yn = "key share α1/Σ|α|", "value share β1/Σ|β|"
+    else:
+        alpha1, beta1 = coeffs["k"][..., 0], coeffs["v"][..., 0]  # [eval, layer, kv_head]
+        xn, yn = "α1", "β1"
     n_layers, n_heads = alpha1.shape[1:]
     shown = list(range(n_layers)) if layers is None else list(layers)
     bad = [layer for layer in shown if not 0 <= layer < n_layers]
@@ -270,12 +391,16 @@ def coefficient_plane(
         for head in range(n_heads):
             label, color = head_label(layer, head), _color(layer * n_heads + head)
             x, y = alpha1[:, layer, head].tolist(), beta1[:, layer, head].tolist()
+            raw = [[s_, ", ".join(f"{v:.3f}" for v in coeffs["k"][e, layer, head]),
+                    ", ".join(f"{v:.3f}" for v in coeffs["v"][e, layer, head])]
+                   for e, s_ in enumerate(steps)]
             fig.add_trace(go.Scatter(
                 x=x, y=y, mode="lines+markers", name=label, legendgroup=label,
                 line=dict(color=color, width=2), marker=dict(size=5, color=color),
-                customdata=steps, meta={"layer": layer, "head": head},
-                hovertemplate=f"{label}<br>step %{{customdata}}<br>α1 %{{x:.3f}}, β1 %{{y:.3f}}"
-                              "<extra></extra>"))
+                customdata=raw, meta={"layer": layer, "head": head},
+                hovertemplate=(f"{label}<br>step %{{customdata[0]}}<br>{xn} %{{x:.3f}}, "
+                               f"{yn} %{{y:.3f}}<br>raw α (%{{customdata[1]}}), "
+                               "β (%{customdata[2]})<extra></extra>")))
             final_x.append(x[-1])
             final_y.append(y[-1])
             final_text.append(label)
@@ -285,17 +410,20 @@ def coefficient_plane(
     fig.add_trace(go.Scatter(
         x=start_x, y=start_y, mode="markers", name=f"start (step {steps[0]})",
         marker=dict(symbol="circle-open", size=11, color="black"), meta={"role": "start"},
-        hovertemplate="start<br>α1 %{x:.3f}, β1 %{y:.3f}<extra></extra>"))
+        hovertemplate=f"start<br>{xn} %{{x:.3f}}, {yn} %{{y:.3f}}<extra></extra>"))
     fig.add_trace(go.Scatter(
         x=final_x, y=final_y, mode="markers+text", name=f"final (step {steps[-1]})",
         text=final_text, textposition="bottom right", meta={"role": "final"},
         marker=dict(size=15, color=final_color, line=dict(color="black", width=2)),
-        hovertemplate="%{text} final<br>α1 %{x:.3f}, β1 %{y:.3f}<extra></extra>"))
+        hovertemplate=f"%{{text}} final<br>{xn} %{{x:.3f}}, {yn} %{{y:.3f}}<extra></extra>"))
     _reference_points(fig)
+    if title is None:
+        title = ("Heads by their keys' and values' share of the current position during training"
+                 if mixed else "Heads in the (α1, β1) plane during training")
+    xt, yt = _axis_titles("mix" if mixed else "raw")
     fig.update_layout(title=title, template=TEMPLATE, height=560,
-                      xaxis=dict(title="α1 (key weight on its own token)", zeroline=True),
-                      yaxis=dict(title="β1 (value weight on its own token)", zeroline=True,
-                                 scaleanchor="x", scaleratio=1))
+                      xaxis=dict(title=xt, zeroline=True),
+                      yaxis=dict(title=yt, zeroline=True, scaleanchor="x", scaleratio=1))
     return fig
 
 
@@ -544,17 +672,21 @@ def landscape_figure(
     arrow_stride: int = 1,
     title: str | None = None,
 ) -> go.Figure:
-    """The loss over the (alpha1, beta1) plane (alpha2 = 1 - alpha1, beta2 = 1 - beta1) as
-    contours, arrows along the negative gradient (the direction gradient descent moves, all of
-    one length: directions, as in the paper's Fig. 2), and the trained heads.
+    """The loss landscape as contours, arrows along the negative gradient (the direction gradient
+    descent moves, all of one length: directions, as in the paper's Fig. 2), and the trained heads.
+
+    The axes follow ``landscape.coords``: ``"mix"`` (the key's and value's share of the current
+    position, at each head's own gain: see :mod:`kvshift_lens.viz.landscape`) or ``"raw"`` (alpha1
+    with alpha2 = 1 - alpha1, beta likewise). ``points`` and ``paths`` must be in the same
+    coordinates (:func:`kvshift_lens.viz.landscape.current_share` converts raw coefficients).
 
     Args:
         landscape: a :class:`~kvshift_lens.viz.landscape.Landscape` (or anything with ``a1``
             ``[n_a]``, ``b1`` ``[n_b]``, ``loss`` ``[n_a, n_b]`` and ``grad`` ``[n_a, n_b, 2]`` or
             None, plus optionally ``positions`` and ``layer``/``heads``).
-        points: ``{label: (alpha1, beta1)}`` to mark (default: ``landscape.positions``, the
-            moved heads' own coefficients).
-        paths: ``{label: (alpha1s, beta1s)}`` trajectories to draw (e.g. over training).
+        points: ``{label: (a, b)}`` to mark (default: ``landscape.positions``, the moved heads'
+            own coefficients in the landscape's coordinates).
+        paths: ``{label: (as, bs)}`` trajectories to draw (e.g. over training).
         arrow_stride: draw an arrow at every n-th grid point along each axis.
 
     Returns:
@@ -562,6 +694,9 @@ def landscape_figure(
         ``"descent direction"`` trace of arrow segments, and a ``"heads"`` trace with the points.
     """
     import plotly.figure_factory as ff
+
+    coords = getattr(landscape, "coords", "raw")
+    xn, yn = ("key share", "value share") if coords == "mix" else ("α1", "β1")
 
     a1 = _as_array(landscape.a1, "a1", ndim=1)
     b1 = _as_array(landscape.b1, "b1", ndim=1)
@@ -573,7 +708,7 @@ def landscape_figure(
         x=a1.tolist(), y=b1.tolist(), z=loss.T.tolist(), colorscale="Viridis", ncontours=24,
         contours=dict(coloring="heatmap", showlabels=True, labelfont=dict(size=9, color="white")),
         colorbar=dict(title="loss"), name="loss", meta={"role": "loss"},
-        hovertemplate="α1 %{x:.2f}, β1 %{y:.2f}<br>loss %{z:.4f}<extra></extra>"))
+        hovertemplate=f"{xn} %{{x:.2f}}, {yn} %{{y:.2f}}<br>loss %{{z:.4f}}<extra></extra>"))
     grad = getattr(landscape, "grad", None)
     if grad is not None:
         g = _as_array(grad, "grad", ndim=3)[::arrow_stride, ::arrow_stride]
@@ -593,7 +728,7 @@ def landscape_figure(
         fig.add_trace(go.Scatter(
             x=list(xs), y=list(ys), mode="lines+markers", name=f"{label} during training",
             line=dict(color=_color(i), width=2), marker=dict(size=4), meta={"path": label},
-            hovertemplate=f"{label}<br>α1 %{{x:.3f}}, β1 %{{y:.3f}}<extra></extra>"))
+            hovertemplate=f"{label}<br>{xn} %{{x:.3f}}, {yn} %{{y:.3f}}<extra></extra>"))
     if points is None:
         points = getattr(landscape, "positions", None) or {}
     if points:
@@ -604,7 +739,7 @@ def landscape_figure(
             textfont=dict(color="white"), meta={"role": "heads"},
             marker=dict(size=14, color=[_color(i) for i in range(len(labels))],
                         line=dict(color="white", width=2)),
-            hovertemplate="%{text}<br>α1 %{x:.3f}, β1 %{y:.3f}<extra></extra>"))
+            hovertemplate=f"%{{text}}<br>{xn} %{{x:.3f}}, {yn} %{{y:.3f}}<extra></extra>"))
     _reference_points(fig, text_color="white")
     if title is None:
         heads = getattr(landscape, "heads", None)
@@ -612,14 +747,17 @@ def landscape_figure(
         what = "" if heads is None else (
             f": layer {layer}, head{'s' if len(heads) > 1 else ''} "
             + ", ".join(str(h) for h in heads))
-        title = f"Loss landscape over (α1, β1), α2 = 1 - α1, β2 = 1 - β1{what}"
+        title = (f"Loss landscape over the keys' and values' share of the current position, at "
+                 f"each head's own gain{what}" if coords == "mix" else
+                 f"Loss landscape over (α1, β1), α2 = 1 - α1, β2 = 1 - β1{what}")
     pad_a, pad_b = 0.02 * np.ptp(a1), 0.02 * np.ptp(b1)
+    xt, yt = _axis_titles(coords)
     fig.update_layout(
         title=dict(text=title, font=dict(size=14)), template=TEMPLATE, height=640, width=820,
         legend=dict(orientation="h", y=-0.15),
-        xaxis=dict(title="α1 (key weight on its own token)", constrain="domain",
+        xaxis=dict(title=xt, constrain="domain",
                    range=[a1.min() - pad_a, a1.max() + pad_a]),
-        yaxis=dict(title="β1 (value weight on its own token)", constrain="domain",
+        yaxis=dict(title=yt, constrain="domain",
                    range=[b1.min() - pad_b, b1.max() + pad_b], scaleanchor="x", scaleratio=1))
     return fig
 

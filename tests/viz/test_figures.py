@@ -44,7 +44,7 @@ def _records(seed: int = 0, n_layers: int = 2, n_heads: int = 3, n_lags: int = 2
 def test_heatmap_values_are_the_models_coefficients(window, shift_q):
     model = build(shift_window=window, shift_q=shift_q, n_layers=2)
     coeffs = model.shift_coefficients()
-    fig = F.coefficient_heatmaps(coeffs)
+    fig = F.coefficient_heatmaps(coeffs, view="raw")
     shifted = ["k", "v", "q"] if shift_q else ["k", "v"]
     assert len(fig.data) == len(shifted) * (window + 1)
     for which in shifted:
@@ -63,8 +63,9 @@ def test_heatmap_values_are_the_models_coefficients(window, shift_q):
 
 def test_heatmap_takes_a_plain_dict_and_rejects_bad_input():
     values = {"k": [[[0.25, 0.75]]], "v": np.array([[[1.0, 0.0]]])}
-    fig = F.coefficient_heatmaps(values, which=["v"])
-    assert [t.meta for t in fig.data] == [{"which": "v", "lag": 0}, {"which": "v", "lag": 1}]
+    fig = F.coefficient_heatmaps(values, which=["v"], view="raw")
+    assert [t.meta for t in fig.data] == [{"which": "v", "lag": 0, "quantity": "raw"},
+                                          {"which": "v", "lag": 1, "quantity": "raw"}]
     assert np.array(fig.data[0].z).tolist() == [[1.0]]
     with pytest.raises(ValueError, match="not shifted here"):
         F.coefficient_heatmaps(values, which=["q"])
@@ -72,6 +73,28 @@ def test_heatmap_takes_a_plain_dict_and_rejects_bad_input():
         F.coefficient_heatmaps({})
     with pytest.raises(ValueError, match="3 dimensions"):
         F.coefficient_heatmaps({"k": [[0.5, 0.5]]})
+    with pytest.raises(ValueError, match="view='gain'"):
+        F.coefficient_heatmaps(values, view="gain")
+
+
+def test_heatmap_mix_view_is_gain_times_mix():
+    """Default view: per projection a gain panel sum_l |c_l| and one mix panel per lag c_l / gain,
+    computed here by hand from the coefficients."""
+    values = {"k": [[[0.311, 4.368], [-0.5, 0.5]]], "v": [[[3.441, -0.006], [0.0, 0.0]]]}
+    fig = F.coefficient_heatmaps(values)
+    assert len(fig.data) == 2 * 3
+    for which in "kv":
+        c = np.array(values[which])
+        gain = np.abs(c).sum(-1)
+        assert np.allclose(_one(fig, which=which, quantity="gain").z, gain)
+        for lag in range(2):
+            mix = np.where(gain > 0, c[..., lag] / np.where(gain > 0, gain, 1), float(lag == 0))
+            assert np.allclose(_one(fig, which=which, lag=lag, quantity="mix").z, mix)
+    # gain x mix gives the raw values back, which the hover also carries
+    k_mix = np.array(_one(fig, which="k", lag=1, quantity="mix").z)
+    assert k_mix[0, 0] * 4.679 == pytest.approx(4.368)
+    assert "α2 4.368" in _one(fig, which="k", quantity="gain").customdata[0][0]
+    assert fig.layout.coloraxis.cmin == -1 and fig.layout.coloraxis.cmax == 1
 
 
 # ------------------------------------------------------------------ trajectories and the plane
@@ -79,7 +102,7 @@ def test_heatmap_takes_a_plain_dict_and_rejects_bad_input():
 
 def test_trajectory_traces_are_the_logged_coefficients():
     records, coeffs = _records()
-    fig = F.coefficient_trajectories(records)
+    fig = F.coefficient_trajectories(records, view="raw")
     steps = [0, 10, 20, 35]
     assert len(fig.data) == 2 * 2 * 2 * 3  # which x lag x layer x head
     for which in "kv":
@@ -94,6 +117,18 @@ def test_trajectory_traces_are_the_logged_coefficients():
     assert sum(bool(t.showlegend) for t in fig.data) == 6
 
 
+def test_trajectory_mix_view_is_the_gain_and_the_mix():
+    records, coeffs = _records()
+    fig = F.coefficient_trajectories(records)
+    assert len(fig.data) == 2 * 3 * 2 * 3  # which x (gain, 2 lags) x layer x head
+    c = coeffs["k"][:, 1, 2].double()  # [eval, lag]
+    gain = c.abs().sum(-1)
+    t = _one(fig, which="k", quantity="gain", layer=1, head=2)
+    assert torch.allclose(torch.tensor(t.y, dtype=torch.float64), gain)
+    t = _one(fig, which="k", quantity="mix", lag=1, layer=1, head=2)
+    assert torch.allclose(torch.tensor(t.y, dtype=torch.float64), c[:, 1] / gain)
+
+
 def test_trajectories_need_logged_coefficients():
     with pytest.raises(ValueError, match="coefficients"):
         F.coefficient_trajectories([{"step": 0, "kind": "eval", "eval/accuracy": 0.1}])
@@ -101,7 +136,7 @@ def test_trajectories_need_logged_coefficients():
 
 def test_plane_final_points_are_the_final_coefficients():
     records, coeffs = _records(n_layers=2, n_heads=3)
-    fig = F.coefficient_plane(records)
+    fig = F.coefficient_plane(records, view="raw")
     final = _one(fig, role="final")
     a1_final = coeffs["k"][-1, :, :, 0].flatten()  # (layer, head) order
     b1_final = coeffs["v"][-1, :, :, 0].flatten()
@@ -117,6 +152,14 @@ def test_plane_final_points_are_the_final_coefficients():
     induction, vanilla = _one(fig, reference="induction"), _one(fig, reference="vanilla")
     assert (induction.x[0], induction.y[0]) == (0.0, 1.0)
     assert (vanilla.x[0], vanilla.y[0]) == (1.0, 1.0)
+
+    mixed = F.coefficient_plane(records)
+    k, v = coeffs["k"][-1].double(), coeffs["v"][-1].double()  # [layer, head, lag]
+    assert torch.allclose(torch.tensor(_one(mixed, role="final").x, dtype=torch.float64),
+                          (k[..., 0] / k.abs().sum(-1)).flatten())
+    assert torch.allclose(torch.tensor(_one(mixed, role="final").y, dtype=torch.float64),
+                          (v[..., 0] / v.abs().sum(-1)).flatten())
+    assert "share of the current position" in mixed.layout.xaxis.title.text
 
     only_layer_1 = F.coefficient_plane(records, layers=[1])
     assert list(_one(only_layer_1, role="final").text) == ["L1H0", "L1H1", "L1H2"]
