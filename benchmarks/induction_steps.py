@@ -82,11 +82,18 @@ VARIANTS: dict[str, tuple[dict[str, Any], str, str]] = {
                            "shift_init_std": 0.1}, "B", "init identity + N(0, 0.1)"),
     "kvshift-1L-induction": ({"n_layers": 1, **SHIFT, "shift_init": "induction"}, "B",
                              "ORACLE init at the paper's induction point"),
+    "kvshift-1L-convex": ({"n_layers": 1, **SHIFT, "shift_init": "uniform",
+                           "shift_param": "convex"}, "C",
+                          "init uniform, coefficients on the simplex (gain fixed at 1)"),
+    "kvshift-1L-gain_mix": ({"n_layers": 1, **SHIFT, "shift_init": "uniform",
+                             "shift_param": "gain_mix"}, "C",
+                            "init uniform, mix on the simplex times a free per-head gain"),
 }
 PART_A = ["kvshift-1L", "vanilla-1L", "vanilla-2L"]
 PART_B = {"identity": "kvshift-1L-identity", "uniform": "kvshift-1L",
           "normal": "kvshift-1L-normal", "induction (oracle)": "kvshift-1L-induction"}
 NON_ORACLE_INITS = ["identity", "uniform", "normal"]
+PART_C = {"free": "kvshift-1L", "convex": "kvshift-1L-convex", "gain_mix": "kvshift-1L-gain_mix"}
 
 
 VANILLA = ("vanilla-1L", "vanilla-2L")  # no shift coefficients: shift_lr_scale has no effect
@@ -207,7 +214,36 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "median_wall_s": statistics.median(r["wall_s"] for r in rs),
             "median_steps_to": {str(m): _median_or_none([_first_reach(r["curve"], m) for r in rs])
                                 for m in MILESTONES},
+            "gain_mix": _gain_mix_summary([r.get("final_coefficients") for r in rs]),
         }
+    return out
+
+
+def _gain_mix_summary(finals: list[dict[str, Any] | None]) -> dict[str, str] | None:
+    """Final coefficients of every seed and head read as gain x mix: median [min-max] of the
+    gain and of the previous share, per shifted projection, and the largest |c|."""
+    import torch
+
+    from kvshift_lens.shift import gain_and_mix
+
+    finals = [f for f in finals if f]
+    if not finals:
+        return None
+    out: dict[str, str] = {}
+
+    def fmt(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    biggest = 0.0
+    for which in ("k", "v"):
+        if which not in finals[0]:
+            continue
+        c = torch.tensor([f[which] for f in finals])  # [seed, layer, head, lag]
+        gain, mix = gain_and_mix(c)
+        out[f"{which}_gain"] = fmt(gain.flatten().tolist())
+        out[f"{which}_previous_share"] = fmt(mix[..., 1:].abs().sum(-1).flatten().tolist())
+        biggest = max(biggest, c.abs().max().item())
+    out["max_abs"] = f"{biggest:.2f}"
     return out
 
 
@@ -261,6 +297,20 @@ def report(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         fastest = tied[0] if len(tied) == 1 else " = ".join(tied)
         lines += ["", f"fastest non-oracle init (median steps): {fastest} ({low:g})"
                       + (" -- a TIE on the median" if len(tied) > 1 else "")]
+    if any(PART_C[k] in summary for k in PART_C if k != "free"):
+        lines += ["", f"Part C: KV-shift 1L shift_param, init uniform (shift_lr_scale "
+                      f"{_scale_str(meta['train'])})", "", header.format("shift_param")]
+        lines += [r for r in (row(label, name) for label, name in PART_C.items()) if r]
+        lines += ["", "Final coefficients read as gain x mix (shift.gain_and_mix: gain = sum_l "
+                      "|c_l|, previous share = |mix_1|), median [min-max] over seeds and heads", "",
+                  "| shift_param | K gain | K previous share | V gain | V previous share | "
+                  "max |c| |", "|---|---|---|---|---|---|"]
+        for label, name in PART_C.items():
+            s = summary.get(name)
+            if s and s.get("gain_mix"):
+                g = s["gain_mix"]
+                lines.append(f"| {label} | {g['k_gain']} | {g['k_previous_share']} | "
+                             f"{g['v_gain']} | {g['v_previous_share']} | {g['max_abs']} |")
     lines += ["", "Learning-curve milestones: median first evaluated step with accuracy >= "
                   "10% / 50% / 90% (plateau, then rise)", "",
               "| variant | shift_lr_scale | >= 10% | >= 50% | >= 90% |", "|---|---|---|---|---|"]
@@ -331,12 +381,20 @@ def main(argv: list[str] | None = None) -> None:
                         "results.json instead of running them (they have no shift coefficients, "
                         "so --shift-lr-scale does not change them); its task, model, lr, budget "
                         "and seeds must match")
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                    help="run only these variants (default: all)")
+    p.add_argument("--shift-params", action="store_true",
+                   help="Part C only: KV-shift 1L (init uniform) with shift_param free (= "
+                        "kvshift-1L), convex and gain_mix; same as --variants "
+                        + " ".join(PART_C.values()))
     p.add_argument("--out", type=Path, default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
     p.add_argument("--from-json", type=Path, default=None, metavar="RESULTS",
                    help="print the tables of a saved results.json again (runs nothing)")
     args = p.parse_args(argv)
+    if args.shift_params and args.variants is not None:
+        p.error("--shift-params names its variants itself; give --variants or --shift-params")
+    if args.variants is None:
+        args.variants = list(PART_C.values()) if args.shift_params else list(VARIANTS)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
         summary = summarise(saved["runs"])

@@ -26,7 +26,7 @@ from typing import Any, get_args
 
 from kvshift_lens.options import NormalizationType, PositionalEmbeddingType, ShiftInit, ShiftParam
 from kvshift_lens.run_folder import FINAL_DIR, RUN_FILE, RunFolderError
-from kvshift_lens.train.config import DEFAULT_SHIFT_INIT, TrainConfig
+from kvshift_lens.train.config import DEFAULT_SHIFT_INIT, DEFAULT_SHIFT_PARAM, TrainConfig
 from kvshift_lens.train.tasks import task_names
 
 PROG = "kvshift"
@@ -180,8 +180,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "qkv, none = vanilla attention (sets shift_k, shift_v, shift_q)")
     g.add_argument("--shift-window", type=int, default=1, metavar="W",
                    help="shift window: mix positions t..t-W (shift_window; 1 is the paper)")
-    g.add_argument("--shift-param", choices=list(get_args(ShiftParam)), default="free",
-                   help="shift coefficients: free (the paper) or convex (on the simplex)")
+    g.add_argument("--shift-param", choices=list(get_args(ShiftParam)), default=DEFAULT_SHIFT_PARAM,
+                   help="shift coefficients: free (the paper), convex (on the simplex) or "
+                        "gain_mix (a simplex mix times a per-head gain; the default)")
     g.add_argument("--shift-init", choices=list(get_args(ShiftInit)), default=DEFAULT_SHIFT_INIT,
                    help="shift initialisation: identity (exactly vanilla), uniform (1/(W+1) per "
                         "lag), normal (identity + noise) or induction (the paper's one-layer "

@@ -60,7 +60,12 @@ class KVShiftConfig(TransformerLensConfig):
 
     KV shift (PAPER.md): ``shift_k`` / ``shift_v`` / ``shift_q`` choose the shifted projections;
     ``shift_window`` w mixes positions t..t-w (w = 1 is the paper); ``shift_param`` "free" (the
-    paper) or "convex" (coefficients on the simplex: in [0, 1], summing to 1 over lags);
+    paper, and this config's default, for retrofitting), "convex" (coefficients on the simplex:
+    in [0, 1], summing to 1 over lags) or "gain_mix" (a mix on the simplex, stored in
+    ``shift_{q,k,v}``, times a free per-head gain ``shift_{q,k,v}_gain`` starting at 1: what a
+    head mixes and how much it scales are separate parameters). Whatever the parametrisation, read
+    coefficients as gain x mix (:func:`kvshift_lens.shift.gain_and_mix`) and compare heads by
+    their mix, never by raw values: free coefficients trained fast grow into gains;
     ``shift_init`` identity (exactly vanilla) | uniform (1/(w+1) per lag) | normal (identity plus
     N(0, ``shift_init_std``)) | induction (the paper's one-layer induction point: keys read the
     previous token, values the current one); ``shift_position`` pre_rotary (the shifted key is

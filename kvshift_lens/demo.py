@@ -26,7 +26,8 @@ from kvshift_lens.model import HookedKVShiftTransformer
 from kvshift_lens.train.sweep import run_sweep
 
 TASK = {"name": "induction", "d_vocab": 64, "seq_len": 64}
-MODEL = {"d_model": 64, "d_head": 16, "attn_only": True}
+# shift_param pinned to "free", the published demo's, whatever DEFAULT_SHIFT_PARAM becomes.
+MODEL = {"d_model": 64, "d_head": 16, "attn_only": True, "shift_param": "free"}
 # The benchmark's settings (BENCHMARKS.md): a 3000-step schedule, stopping at 90%. Vanilla 1L never
 # gets there, so it is capped at 700 steps to keep the demo short.
 VARIANTS = {

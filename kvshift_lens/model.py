@@ -40,7 +40,13 @@ from kvshift_lens.hooked_transformer import (
     refactor_factored_attn_matrices as refactor_state_dict,
 )
 from kvshift_lens.processing import _center_writer, fold_layer_norm
-from kvshift_lens.shift import gain_and_mix, is_shift_parameter, previous_share, project_to_simplex
+from kvshift_lens.shift import (
+    gain_and_mix,
+    is_gain_parameter,
+    is_shift_parameter,
+    previous_share,
+    project_to_simplex,
+)
 from kvshift_lens.tokenizer import UNKNOWN_TOKEN, as_hf_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -876,20 +882,22 @@ class HookedKVShiftTransformer(HookedRootModule):
         return ShiftCoefficients(values)
 
     def shift_parameters(self) -> list[nn.Parameter]:
-        """The raw shift-coefficient parameters (``blocks.{l}.attn.shift_{q,k,v}``), in
-        ``parameters()`` order, as ``parameters()`` gives them: what an optimiser's coefficient
-        group takes. Empty when nothing is shifted. Names: ``named_parameters()`` filtered by
-        :func:`kvshift_lens.shift.is_shift_parameter`."""
+        """The raw shift parameters (``blocks.{l}.attn.shift_{q,k,v}``, and with ``gain_mix`` the
+        gains ``shift_{q,k,v}_gain``), in ``parameters()`` order, as ``parameters()`` gives them:
+        what an optimiser's coefficient group takes. Empty when nothing is shifted. Names:
+        ``named_parameters()`` filtered by :func:`kvshift_lens.shift.is_shift_parameter`."""
         return [p for name, p in self.named_parameters() if is_shift_parameter(name)]
 
     @torch.no_grad()
     def constrain_shift_(self) -> None:
-        """Project stored coefficients onto their constraint set (no-op for ``free``). A
-        trainer calls this after each optimiser step when ``shift_param='convex'``."""
-        if self.cfg.shift_param != "convex":
+        """Project stored coefficients onto their constraint set: the simplex for ``convex``, and
+        the mix (not the gain) for ``gain_mix``; a no-op for ``free``. A trainer calls this after
+        each optimiser step."""
+        if self.cfg.shift_param == "free":
             return
-        for p in self.shift_parameters():
-            p.copy_(project_to_simplex(p))
+        for name, p in self.named_parameters():
+            if is_shift_parameter(name) and not is_gain_parameter(name):
+                p.copy_(project_to_simplex(p))
 
     # ------------------------------------------------------------------ devices
     def _apply(self, fn, *args, **kwargs):

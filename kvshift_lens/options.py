@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 PositionalEmbeddingType = Literal["standard", "rotary", "shortformer", "none"]
 NormalizationType = Literal["LN", "RMS", "LNPre", "RMSPre"]
 ActFn = Literal["gelu", "gelu_new", "relu", "silu"]
-ShiftParam = Literal["free", "convex"]
+ShiftParam = Literal["free", "convex", "gain_mix"]
 ShiftInit = Literal["identity", "uniform", "normal", "induction"]
 ShiftPosition = Literal["pre_rotary", "post_rotary"]
 AttentionDir = Literal["causal"]

@@ -14,9 +14,13 @@ of the sequence contribute zero, so position t never reads anything after t.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from kvshift_lens.options import ShiftParam
 
 
 def shift(
@@ -113,20 +117,40 @@ def project_to_simplex(v: Float[Tensor, "... lag"]) -> Float[Tensor, "... lag"]:
     return (v - theta).clamp_min(0)
 
 
-def constrain(raw: Tensor, param: str) -> Tensor:
+SHIFT_PARAMS: tuple[str, ...] = get_args(ShiftParam)
+
+
+def constrain(raw: Tensor, param: str, gain: Tensor | None = None) -> Tensor:
     """Coefficients from their stored parameters.
 
     ``free``: the parameter is the coefficient (the paper). ``convex``: the forward value is the
     projection onto the simplex (each coefficient in [0, 1], summing to 1 over lags), with a
     straight-through gradient, so identity is exactly representable and gradients still reach
     coefficients sitting at 0; :meth:`HookedKVShiftTransformer.constrain_shift_` projects the
-    stored parameters after an optimiser step (projected gradient descent).
+    stored parameters after an optimiser step (projected gradient descent). ``gain_mix``: ``raw``
+    is the mix, constrained to the simplex exactly as ``convex``, and ``gain [head]`` a separate
+    free per-head scale; the coefficients are ``gain[:, None] * mix``, so what a head mixes and how
+    much it scales are two parameters rather than one reading of the other.
+
+    Args:
+        raw: the stored ``[head, lag]`` parameter.
+        param: one of :data:`SHIFT_PARAMS`.
+        gain: ``[head]``, required by ``gain_mix`` and rejected otherwise.
+
+    Returns:
+        The effective ``[head, lag]`` coefficients.
     """
+    if param not in SHIFT_PARAMS:
+        raise ValueError(f"shift_param={param!r} is not one of {list(SHIFT_PARAMS)}")
+    if (gain is not None) != (param == "gain_mix"):
+        raise ValueError(f"shift_param={param!r} takes a gain only for 'gain_mix'; "
+                         f"got gain={'None' if gain is None else tuple(gain.shape)}")
     if param == "free":
         return raw
+    mix = raw + (project_to_simplex(raw.detach()) - raw.detach())
     if param == "convex":
-        return raw + (project_to_simplex(raw.detach()) - raw.detach())
-    raise ValueError(f"shift_param={param!r} is not one of ['free', 'convex']")
+        return mix
+    return gain[:, None] * mix
 
 
 def init_coefficients(
@@ -151,8 +175,9 @@ def init_coefficients(
             induction point).
         which: "q", "k" or "v" (only ``induction`` depends on it).
         dtype: of the result; the values are computed in float32 and then cast.
-        param: the parametrisation (see :func:`constrain`); ``convex`` projects the initial
-            values onto the simplex, so the stored parameter starts feasible.
+        param: the parametrisation (see :func:`constrain`); ``convex`` and ``gain_mix`` project
+            the initial values onto the simplex, so the stored parameter starts feasible (for
+            ``gain_mix`` this is the mix; its gain starts at 1, :func:`init_gain`).
 
     Returns:
         ``[head, lag]`` coefficients; ``[:, 0]`` multiplies the current position.
@@ -171,21 +196,39 @@ def init_coefficients(
         raise ValueError(
             f"shift_init={scheme!r} is not one of ['identity', 'uniform', 'normal', 'induction']"
         )
-    if param == "convex":
+    if param in ("convex", "gain_mix"):
         out = project_to_simplex(out)
     elif param != "free":
-        raise ValueError(f"shift_param={param!r} is not one of ['free', 'convex']")
+        raise ValueError(f"shift_param={param!r} is not one of {list(SHIFT_PARAMS)}")
     return out.to(dtype)
 
 
-def is_shift_parameter(name: str) -> bool:
-    """Whether a parameter name is a shift coefficient: ``shift_q``, ``shift_k`` or ``shift_v``,
-    alone or with its module path (``blocks.0.attn.shift_k``).
+def init_gain(n_heads: int, dtype: torch.dtype = torch.float32) -> Float[Tensor, " head"]:
+    """The initial per-head gain of ``shift_param="gain_mix"``: 1, the gain of every init scheme
+    but ``normal`` (whose gain-1 mix is its projection onto the simplex, as for ``convex``), so
+    ``identity`` stays exactly vanilla."""
+    return torch.ones(n_heads, dtype=dtype)
 
-    The one place that says so: optimiser groups, freezing for coefficient-only fine-tuning and
-    the simplex projection all ask here.
+
+SHIFT_PARAMETER_NAMES = ("shift_q", "shift_k", "shift_v")
+GAIN_PARAMETER_NAMES = ("shift_q_gain", "shift_k_gain", "shift_v_gain")
+
+
+def is_shift_parameter(name: str) -> bool:
+    """Whether a parameter name is a shift parameter: a coefficient (or, for ``gain_mix``, mix)
+    parameter ``shift_q``, ``shift_k`` or ``shift_v``, or a ``gain_mix`` gain ``shift_q_gain``,
+    ``shift_k_gain`` or ``shift_v_gain``, alone or with its module path
+    (``blocks.0.attn.shift_k``).
+
+    The one place that says so: optimiser groups and freezing for coefficient-only fine-tuning
+    ask here (the simplex projection asks :func:`is_gain_parameter` which ones to leave alone).
     """
-    return name.rsplit(".", 1)[-1] in ("shift_q", "shift_k", "shift_v")
+    return name.rsplit(".", 1)[-1] in SHIFT_PARAMETER_NAMES + GAIN_PARAMETER_NAMES
+
+
+def is_gain_parameter(name: str) -> bool:
+    """Whether a parameter name is a ``gain_mix`` per-head gain (``shift_{q,k,v}_gain``)."""
+    return name.rsplit(".", 1)[-1] in GAIN_PARAMETER_NAMES
 
 
 def gain_and_mix(

@@ -22,6 +22,13 @@ the earlier occurrence, and it also covers longer windows (e.g. ``alpha = (0, 0,
 ``beta = (0, 1, 0)``). A head whose keys look back but whose values read the *matched* token
 (``beta2 > beta1``) scores as a duplicate-token head on value sources, which is what it does.
 
+Every rule is scale-free, so it reads a head's mix, never its gain (coefficients are gain x mix,
+:func:`kvshift_lens.shift.gain_and_mix`; free coefficients trained fast grow gains of 3-5):
+``key_past_weight`` is the key's previous share (``|alpha| / sum |alpha|``), and each score is a
+ratio ``sum P * target / sum |P|`` per sequence (:mod:`probes.scores`), so multiplying a head's
+value coefficients (hence its value-source pattern) by a positive gain leaves it unchanged; the
+key gain only sharpens the softmax, which the scores measure as the attention it is.
+
 "Via composition" is decided from attention and coefficients alone: an induction head in a layer
 > 0 whose key is not shifted back must get its prefix information from earlier layers (the
 residual stream at j carrying token j-1, written by a previous-token head). Weight-based

@@ -73,6 +73,8 @@ def _coeffs(cfg, sd, layer, which, head):
     if key not in sd:
         return None
     c = sd[key][head]
+    if cfg.shift_param == "gain_mix":  # a mix on the simplex times a per-head gain
+        return sd[f"{key}_gain"][head] * _simplex(c)
     return _simplex(c) if cfg.shift_param == "convex" else c
 
 

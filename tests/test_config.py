@@ -36,7 +36,7 @@ def test_dict_round_trip():
      r"positional_embedding_type='alibi' is not one of \['standard', 'rotary', 'shortformer', 'none'\]"),
     (dict(normalization_type="BN"), ValueError, r"normalization_type='BN' is not one of .*or None"),
     (dict(act_fn="tanh"), ValueError, r"act_fn='tanh' is not one of"),
-    (dict(shift_param="sigmoid"), ValueError, r"shift_param='sigmoid' is not one of \['free', 'convex'\]"),
+    (dict(shift_param="sigmoid"), ValueError, r"shift_param='sigmoid' is not one of \['free', 'convex', 'gain_mix'\]"),
     (dict(shift_init="zeros"), ValueError, r"shift_init='zeros' is not one of"),
     (dict(shift_window=0), ValueError, r"shift_window=0 must be >= 1"),
     (dict(shift_init="induction", shift_window=2), ValueError, r"induction.*shift_window=1"),

@@ -45,6 +45,7 @@ def test_identity_coefficients_equal_vanilla(pos_type, norm, arch, gqa, tied):
         dict(shift_window=1, shift_param="free"),
         dict(shift_window=2, shift_param="convex", shift_q=True),
         dict(shift_window=3, shift_param="free", shift_k=False, shift_q=True),
+        dict(shift_window=2, shift_param="gain_mix", shift_q=True),
     ]
     if pos_type == "rotary":
         variants.append(dict(shift_position="post_rotary"))
@@ -65,6 +66,7 @@ REFERENCE_CASES = [
     dict(positional_embedding_type="shortformer", shift_window=2, tie_word_embeddings=True),
     dict(positional_embedding_type="none", normalization_type=None, shift_window=3,
          shift_param="convex", act_fn="relu"),
+    dict(shift_window=2, shift_param="gain_mix", shift_q=True, n_key_value_heads=2),
     dict(shift_k=False, act_fn="gelu_new"),
     dict(shift_v=False, n_key_value_heads=1, shift_q=True),
 ]
@@ -195,6 +197,39 @@ def test_convex_coefficients_stay_on_simplex_and_train():
         assert_close(c.sum(-1), torch.ones_like(c.sum(-1)))
     # It moved off identity: gradients reach coefficients that sit at 0.
     assert coeffs["k"][..., 1:].sum() > 0
+
+
+def test_gain_mix_keeps_the_mix_on_the_simplex_and_trains_both_parameters():
+    model = build(shift_param="gain_mix", shift_window=2, shift_init="identity",
+                  randomize_weights=False).train()
+    attn = model.blocks[0].attn
+    names = [n for n, _ in model.named_parameters() if "shift" in n]
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"shift_k", "shift_v", "shift_k_gain",
+                                                     "shift_v_gain"}
+    assert len(model.shift_parameters()) == len(names)  # all land in the coefficient group
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    tokens = _tokens(model.cfg, batch=4)
+    for _ in range(5):
+        opt.zero_grad()
+        model(tokens, return_type="loss").backward()
+        assert attn.shift_k.grad.abs().sum() > 0 and attn.shift_k_gain.grad.abs().sum() > 0
+        opt.step()
+        model.constrain_shift_()
+    for layer in range(model.cfg.n_layers):
+        a = model.blocks[layer].attn
+        for mix, gain in ((a.shift_k, a.shift_k_gain), (a.shift_v, a.shift_v_gain)):
+            # the stored mix is on the simplex; the gain is free and moved off 1
+            assert (mix >= 0).all() and (mix <= 1).all()
+            assert_close(mix.sum(-1), torch.ones_like(mix.sum(-1)))
+            assert not torch.equal(gain, torch.ones_like(gain))
+            # the effective coefficients (what hook_shift_* carries) are gain x mix
+    coeffs = model.shift_coefficients()
+    assert_close(coeffs["k"][0], attn.shift_k_gain.detach()[:, None] * attn.shift_k.detach())
+    assert_close(coeffs.gain("k")[0], attn.shift_k_gain.detach().abs())
+    assert_close(coeffs.mix("k")[0], attn.shift_k.detach() * attn.shift_k_gain.detach().sign()[:, None])
+    _, cache = model.run_with_cache(tokens)
+    assert_close(cache["blocks.0.attn.hook_shift_k"], coeffs["k"][0])
+    assert coeffs["k"][..., 1:].sum() > 0  # the mix moved off identity
 
 
 def test_shift_init_schemes():
@@ -356,3 +391,19 @@ def test_get_token_position_as_transformer_lens():
         model.get_token_position("a", torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="2 tokens, not one"):
         model.get_token_position("ab", text)
+
+
+def test_gain_mix_checkpoint_round_trip_and_other_parametrisations_keep_their_keys(tmp_path):
+    model = build(shift_param="gain_mix", shift_q=True)  # randomised gains and mixes
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = HookedKVShiftTransformer.from_pretrained(tmp_path / "ckpt", device="cpu").eval()
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and "blocks.1.attn.shift_q_gain" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tokens = _tokens(model.cfg)
+    assert torch.equal(model(tokens), loaded(tokens))
+    for param in ("free", "convex"):  # their checkpoints hold exactly what they held before
+        keys = build(shift_param=param, shift_q=True).state_dict().keys()
+        assert not [k for k in keys if k.endswith("_gain")]
+        assert {k.rsplit(".", 1)[-1] for k in keys if ".shift_" in k} == {
+            "shift_q", "shift_k", "shift_v"}

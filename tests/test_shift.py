@@ -157,11 +157,17 @@ def test_shift_gradients_on_strided_views_match_the_loops():
 
 
 def test_is_shift_parameter():
-    for name in ("shift_k", "blocks.0.attn.shift_q", "blocks.11.attn.shift_v"):
+    for name in ("shift_k", "blocks.0.attn.shift_q", "blocks.11.attn.shift_v",
+                 "blocks.0.attn.shift_k_gain", "shift_q_gain", "blocks.3.attn.shift_v_gain"):
         assert is_shift_parameter(name)
     for name in ("blocks.0.attn.W_K", "blocks.0.attn._W_K", "blocks.0.attn.b_V", "shift",
-                 "blocks.0.attn.shift_x", "blocks.0.attn.hook_shift_k", "shift_window"):
+                 "blocks.0.attn.shift_x", "blocks.0.attn.hook_shift_k", "shift_window",
+                 "blocks.0.attn.shift_x_gain", "gain", "blocks.0.attn.hook_shift_k_gain"):
         assert not is_shift_parameter(name)
+    from kvshift_lens.shift import is_gain_parameter
+
+    assert is_gain_parameter("blocks.0.attn.shift_k_gain")
+    assert not is_gain_parameter("blocks.0.attn.shift_k")
 
 
 @pytest.mark.parametrize("scheme", ["identity", "uniform", "normal", "induction"])
@@ -202,3 +208,59 @@ def test_shift_coefficients_expose_gain_mix_and_previous_share():
     rec = [r for r in coeffs.records() if r["which"] == "k" and r["layer"] == 1 and r["head"] == 0]
     assert [r["lag"] for r in rec] == [0, 1]
     assert rec[1]["mix"] == pytest.approx(float(k[1, 0, 1] / k[1, 0].abs().sum()))
+
+
+def test_gain_mix_is_gain_times_projected_mix_and_identity_is_exact():
+    mix = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.2, 0.8]])
+    gain = torch.tensor([1.0, 3.0, -2.0])
+    c = constrain(mix, "gain_mix", gain)
+    assert torch.equal(c, gain[:, None] * mix)
+    assert torch.equal(constrain(mix[:1], "gain_mix", gain[:1]), torch.tensor([[1.0, 0.0]]))
+    # an infeasible stored mix reads as its projection (as convex does)
+    off = torch.tensor([[2.0, -1.0]])
+    assert torch.equal(constrain(off, "gain_mix", torch.tensor([2.0])), torch.tensor([[2.0, 0.0]]))
+    with pytest.raises(ValueError, match="'gain_mix' takes a gain"):
+        constrain(mix, "gain_mix")
+    with pytest.raises(ValueError, match="gain_mix"):
+        constrain(mix, "free", gain)
+    with pytest.raises(ValueError, match="shift_param='sigmoid'"):
+        constrain(mix, "sigmoid")
+
+
+def test_gain_mix_gradients_follow_the_chain_rule_and_finite_differences():
+    """dL/dgain_h = sum_l dL/dc_hl * mix_hl and dL/dmix_hl = gain_h * dL/dc_hl (straight-through
+    on the projection), checked against the free parametrisation's gradient and against central
+    finite differences of the loss in the gain."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 6, 3, 4, generator=g, dtype=torch.float64)
+    mix0 = project_to_simplex(torch.rand(3, 3, generator=g, dtype=torch.float64))
+    gain0 = torch.tensor([1.0, 2.5, -0.7], dtype=torch.float64)
+
+    def loss(c):
+        return (shift(x, c) * w).pow(2).sum()
+
+    mix, gain = mix0.clone().requires_grad_(), gain0.clone().requires_grad_()
+    loss(constrain(mix, "gain_mix", gain)).backward()
+    free = (gain0[:, None] * mix0).requires_grad_()
+    loss(constrain(free, "free")).backward()
+    assert_close(gain.grad, (free.grad * mix0).sum(-1))
+    assert_close(mix.grad, gain0[:, None] * free.grad)
+    eps = 1e-6
+    for h in range(3):
+        up, down = gain0.clone(), gain0.clone()
+        up[h] += eps
+        down[h] -= eps
+        fd = (loss(up[:, None] * mix0) - loss(down[:, None] * mix0)) / (2 * eps)
+        assert float(gain.grad[h]) == pytest.approx(float(fd), rel=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["identity", "uniform", "normal", "induction"])
+def test_gain_mix_initial_mix_is_the_convex_init_at_gain_one(scheme):
+    from kvshift_lens.shift import init_gain
+
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    mix = init_coefficients(3, 2, scheme, "k", std=0.5, generator=g1, param="gain_mix")
+    convex = init_coefficients(3, 2, scheme, "k", std=0.5, generator=g2, param="convex")
+    assert torch.equal(mix, convex)
+    assert torch.equal(init_gain(3), torch.ones(3))

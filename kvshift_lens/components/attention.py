@@ -42,7 +42,7 @@ from kvshift_lens.components.kv_cache import LayerKVCache
 from kvshift_lens.components.parameters import normal, zeros
 from kvshift_lens.components.rotary import Rotary
 from kvshift_lens.config import KVShiftConfig
-from kvshift_lens.shift import constrain, init_coefficients, shift
+from kvshift_lens.shift import constrain, init_coefficients, init_gain, shift
 
 __all__ = ["Attention", "GroupedQueryAttention", "LayerKVCache", "make_attention"]
 
@@ -68,7 +68,9 @@ class Attention(nn.Module):
     ``b_Q [head_index, d_head]``, ``W_K`` / ``W_V`` and ``b_K`` / ``b_V`` likewise,
     ``W_O [head_index, d_head, d_model]``, ``b_O [d_model]``; for each shifted projection its raw
     coefficients ``shift_q [head_index, lag]``, ``shift_k`` / ``shift_v [kv_head, lag]`` (None when
-    that projection is not shifted; :meth:`coefficients` gives the constrained values).
+    that projection is not shifted; :meth:`coefficients` gives the constrained values) and, with
+    ``shift_param="gain_mix"``, its per-head gain ``shift_{q,k,v}_gain [head_index | kv_head]``
+    (then ``shift_{q,k,v}`` holds the mix; None otherwise).
     Each starts as :mod:`~kvshift_lens.components.parameters` says, coefficients by
     ``cfg.shift_init``.
 
@@ -98,6 +100,10 @@ class Attention(nn.Module):
         self.shift_q = self._declare_coefficients("q", H, generator) if cfg.shift_q else None
         self.shift_k = self._declare_coefficients("k", KV, generator) if cfg.shift_k else None
         self.shift_v = self._declare_coefficients("v", KV, generator) if cfg.shift_v else None
+        gains = cfg.shift_param == "gain_mix"
+        self.shift_q_gain = self._declare_gain(H) if cfg.shift_q and gains else None
+        self.shift_k_gain = self._declare_gain(KV) if cfg.shift_k and gains else None
+        self.shift_v_gain = self._declare_gain(KV) if cfg.shift_v and gains else None
         if cfg.shift_q:
             self.hook_shift_q = _hook_point(None)  # [head_index, lag]
             self.hook_q_shifted = _hook_point(1)  # [batch, pos, head_index, d_head]
@@ -136,6 +142,10 @@ class Attention(nn.Module):
             n_heads, cfg.n_lags, cfg.shift_init, which, cfg.shift_init_std, generator,
             dtype=cfg.dtype, param=cfg.shift_param))
 
+    def _declare_gain(self, n_heads: int) -> nn.Parameter:
+        """The per-head gain of ``shift_param="gain_mix"`` (``[head]``, starting at 1)."""
+        return nn.Parameter(init_gain(n_heads, dtype=self.cfg.dtype))
+
     def key_value_weights(self) -> tuple[
         Float[Tensor, "kv_head d_model d_head"], Float[Tensor, "kv_head d_head"],
         Float[Tensor, "kv_head d_model d_head"], Float[Tensor, "kv_head d_head"],
@@ -149,7 +159,10 @@ class Attention(nn.Module):
         if which not in ("q", "k", "v"):
             raise ValueError(f"which={which!r} is not one of ['q', 'k', 'v']")
         raw = {"q": self.shift_q, "k": self.shift_k, "v": self.shift_v}[which]
-        return None if raw is None else constrain(raw, self.cfg.shift_param)
+        if raw is None:
+            return None
+        gain = {"q": self.shift_q_gain, "k": self.shift_k_gain, "v": self.shift_v_gain}[which]
+        return constrain(raw, self.cfg.shift_param, gain)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -30,6 +30,14 @@ normal tie; with ``shift_lr_scale=1`` uniform is by far the fastest, so it is ne
 choice. The model config's own default stays "identity" (exactly vanilla), which retrofitting
 needs."""
 
+DEFAULT_SHIFT_PARAM = "gain_mix"
+"""Shift parametrisation for models trained from scratch when the spec names none. Measured in
+BENCHMARKS.md (induction, KV shift 1 layer, uniform init, ``shift_lr_scale`` 30, 5 seeds): steps
+to 90% gain_mix 150 (150-175), free 175 (150-175), convex 200 (200-225); gain_mix is at least as
+fast and keeps what a head mixes (on the simplex) apart from how much it scales (its gain). The
+model config's own default stays "free" (the paper's equation), which retrofitting uses; the
+reproduction and demo specs pin "free", as published."""
+
 SECTIONS = ("model", "task", "train")
 
 
@@ -48,7 +56,9 @@ class TrainConfig:
             coefficient needs ~1/lr steps to travel from 0 to 1. 30 is measured in BENCHMARKS.md:
             steps to 90% induction 300 -> 175 (uniform init), 750 -> 175 (identity). Free
             coefficients then grow past 1 (they also scale K and V): read them as a gain times a
-            mix over lags (:func:`kvshift_lens.shift.gain_and_mix`).
+            mix over lags (:func:`kvshift_lens.shift.gain_and_mix`). With ``shift_param="gain_mix"``
+            (:data:`DEFAULT_SHIFT_PARAM`) the scale applies to both the mixes and the per-head
+            gains; the mixes stay on the simplex, only the gains grow (to ~4 on induction).
         weight_decay: AdamW decay on weight matrices only (never biases, norms or shift
             coefficients: decaying coefficients would pull them towards 0, not towards identity).
         betas: AdamW betas, each in [0, 1).
@@ -202,7 +212,8 @@ def resolve_run_spec(
     """Complete and validate a run spec, building its tasks, before anything is written.
 
     Fills ``model.d_vocab`` (the task's vocabulary, or its tokenizer's for text), ``model.n_ctx``
-    (the task's ``seq_len``) and ``model.shift_init`` (:data:`DEFAULT_SHIFT_INIT`). When training a
+    (the task's ``seq_len``), ``model.shift_init`` (:data:`DEFAULT_SHIFT_INIT`) and
+    ``model.shift_param`` (:data:`DEFAULT_SHIFT_PARAM`). When training a
     given model (``model_config`` is its config, e.g. a retrofitted model's), the model's config
     fills every field the spec leaves out, and a field the spec sets differently is an error.
     Does not change ``spec``.
@@ -231,6 +242,7 @@ def resolve_run_spec(
     model.setdefault("d_vocab", task.d_vocab)
     model.setdefault("n_ctx", task.seq_len)
     model.setdefault("shift_init", DEFAULT_SHIFT_INIT)
+    model.setdefault("shift_param", DEFAULT_SHIFT_PARAM)
     d_vocab, n_ctx = model["d_vocab"], model["n_ctx"]
     if isinstance(d_vocab, int) and d_vocab < task.d_vocab:
         raise ValueError(
@@ -243,5 +255,5 @@ def resolve_run_spec(
                        eval_task=eval_task)
 
 
-__all__ = ["DEFAULT_SHIFT_INIT", "EXECUTION_ONLY", "ResolvedRun", "RunSpec", "TrainConfig",
-           "resolve_run_spec"]
+__all__ = ["DEFAULT_SHIFT_INIT", "DEFAULT_SHIFT_PARAM", "EXECUTION_ONLY", "ResolvedRun", "RunSpec",
+           "TrainConfig", "resolve_run_spec"]

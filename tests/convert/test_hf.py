@@ -399,4 +399,5 @@ def test_retrofit_example_runs(tmp_path, monkeypatch, capsys):
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
     assert "max |logits - HF logits| at identity" in out and "L0H0 k" in out
+    assert "previous share" in out and "max |c| before fine-tuning 1.000" in out
     assert (tmp_path / "run" / "final" / "config.json").is_file()

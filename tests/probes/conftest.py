@@ -32,7 +32,7 @@ TASK = dict(name="induction", d_vocab=24, seq_len=32)
 def _spec(shift: bool, n_layers: int, steps: int, target: float, **model) -> RunSpec:
     return RunSpec(
         model=dict(d_model=32, d_head=8, n_layers=n_layers, n_ctx=32, attn_only=True,
-                   shift_k=shift, shift_v=shift, **model),
+                   shift_k=shift, shift_v=shift, **{"shift_param": "free", **model}),
         task=dict(TASK),
         train=TrainConfig(steps=steps, batch_size=32, lr=3e-3, warmup_steps=20, eval_every=20,
                           progress=False, device="cpu", stop_at_target=True, seed=0,

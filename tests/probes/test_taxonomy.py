@@ -178,3 +178,17 @@ def test_grouped_query_heads_get_their_kv_heads_coefficients():
     assert len(tax) == 4 and all(isinstance(h, HeadClass) for h in tax)
     for h in tax:
         assert h.key_coeffs == pytest.approx(tuple(k[h.head // 2].tolist()))
+
+
+def test_rules_read_the_mix_not_the_gain(batch):
+    """Scaling the value coefficients by a gain (the key's would also sharpen the softmax) leaves
+    every score and the class unchanged: the rules are scale-free."""
+    model = shift_head_model(16, 24)
+    base = classify_heads(model, batch.tokens).heads[0]
+    with torch.no_grad():
+        model.blocks[0].attn.shift_v.mul_(4.4)
+    scaled = classify_heads(model, batch.tokens).heads[0]
+    assert scaled.value_coeffs == pytest.approx((4.4, 0.0))
+    assert scaled.kind is base.kind
+    for field in ("induction", "previous_token", "duplicate_token", "key_past_weight"):
+        assert getattr(scaled, field) == pytest.approx(getattr(base, field), abs=1e-6), field
