@@ -13,6 +13,11 @@ Probes read models through TransformerLens hooks and, where present, the model's
   coefficients included).
 - :mod:`probes.linear`: linear probes for the previous token's identity.
 - :mod:`probes.composition`: Q/K/V composition scores with a random baseline (vanilla models).
+- :mod:`probes.attribution`: attribution patching (gradient x activation difference) over any hook
+  set, per head and position, from two passes; comparison with exact patching.
+- :mod:`probes.eap`: edge attribution patching (EAP, EAP-IG) over a component graph whose shifted
+  heads have separate own-position and shift (previous-position K/V) ports; circuits and their
+  faithfulness.
 """
 
 from probes.ablation import (
@@ -29,12 +34,30 @@ from probes.ablation import (
     remove_value_shift,
     zero_ablate_head,
 )
+from probes.attribution import (
+    Agreement,
+    AttributionResult,
+    agreement,
+    attribution_patch,
+    exact_patching_effects,
+    logprob_metric,
+)
 from probes.composition import (
     CompositionResult,
     all_composition_scores,
     composition_report,
     composition_scores_from_weights,
     random_composition_baseline,
+)
+from probes.eap import (
+    Circuit,
+    CircuitRunner,
+    ComponentGraph,
+    Edge,
+    EdgeScores,
+    Faithfulness,
+    edge_attribution,
+    faithfulness,
 )
 from probes.effective import effective_key_sources, effective_pattern, key_source_weights
 from probes.linear import ProbeResult, default_sites, fit_logistic, previous_token_probe
@@ -112,4 +135,18 @@ __all__ = [
     "previous_token_scores",
     "repeated_random_tokens",
     "source_patterns",
+    "Agreement",
+    "AttributionResult",
+    "Circuit",
+    "CircuitRunner",
+    "ComponentGraph",
+    "Edge",
+    "EdgeScores",
+    "Faithfulness",
+    "agreement",
+    "attribution_patch",
+    "edge_attribution",
+    "exact_patching_effects",
+    "faithfulness",
+    "logprob_metric",
 ]

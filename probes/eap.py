@@ -392,11 +392,12 @@ def _score_matrix(
 ) -> Float[Tensor, "sender port"]:
     """``[sender, port]``: ``sum_{batch, pos, d_model} delta_sender * grad_port``."""
     dtype = torch.promote_types(deltas[0].dtype, torch.float32)  # float64 models stay float64
-    delta = torch.stack(deltas, dim=2).to(dtype)  # [b, p, sender, d_model]
+    delta = torch.stack([d.to(dtype).flatten() for d in deltas])  # [sender, batch * pos * d_model]
     out = torch.zeros(len(graph.senders), len(graph.ports), dtype=dtype)
     for (layer, port), g in grads.items():
         cols = graph.ports_of(layer, port)
-        out[:, cols] = torch.einsum("bpsd,bpnd->sn", delta, g.to(dtype)).cpu()
+        g = g.to(dtype).permute(2, 0, 1, 3).flatten(1)  # [n, batch * pos * d_model]
+        out[:, cols] = (delta @ g.T).cpu()
     return out
 
 

@@ -257,3 +257,23 @@ def test_bad_input_is_named(random_pair):
         logprob_metric(clean, torch.ones_like(clean, dtype=torch.bool))
     with pytest.raises(ValueError, match="shape"):
         agreement(torch.zeros(3), torch.zeros(4))
+
+
+def test_benchmark_counts_the_passes_it_reports():
+    """benchmarks/attribution.py --quick: the pass counts it prints are the ones promised."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "attribution.py"
+    spec = importlib.util.spec_from_file_location("attribution_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lines = bench.main(["--quick", "--threads", "1"])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:3] for line in lines if line.startswith("| ")}
+    assert rows["forward + backward (unit)"] == ["1", "1"]
+    assert rows["attribution_patch (all hooks above)"] == ["2", "1"]
+    assert rows["EAP"] == ["2", "1"]
+    assert rows["EAP-IG (5 steps)"] == ["6", "5"]
+    assert rows["one faithfulness run (a circuit)"] == ["1", "0"]
+    exact_z = next(v for k, v in rows.items() if k.startswith("exact patching of hook_z"))
+    assert exact_z == ["10", "0"]  # 8 heads, plus the clean and corrupted runs
