@@ -16,10 +16,11 @@ patching of a sample of edges (one forward pass each; the time scaled to the who
 (2) **Time**, as ratios to one forward + backward of the same model on the same batch
 (``metric(model(tokens)).backward()``), measured side by side: each round runs every variant
 once, the order rotating between rounds; the median over rounds of the per-round ratio is
-printed with its quartiles. Two models, both with K and V shifted: the 2-layer CI fixture shape
+printed with its quartiles, for this process' CPU time (the steadier measure on a shared
+machine) and for wall-clock time. Two models, both with K and V shifted: the 2-layer CI fixture shape
 (d_model 32, 4 heads, attention only, batch 16 x 32 tokens) and a larger one (4 layers, d_model
 256, 8 heads, MLPs, batch 8 x 128 tokens). Absolute milliseconds are printed too (machine- and
-load-dependent). ``--threads`` sets torch's thread count (2 by default).
+load-dependent). ``--threads`` sets torch's thread count (1 by default).
 
 (3) ``--agreement`` (instead of timing): how well the estimates match exact patching. On the
 hand-built models of ``tests/probes`` (known circuits) and on the two CI-sized fixtures, trained
@@ -135,19 +136,30 @@ def variants(model, clean, corrupted, metric, ig_steps: int,
     }
 
 
-def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call, one entry per round; the order rotates from round to round."""
+def time_rounds(fns: dict[str, Callable[[], object]],
+                repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds per call, one entry per round, as wall-clock time (``"wall"``) and as this process'
+    CPU time (``"cpu"``, all threads: less disturbed by other processes on a shared machine); the
+    order rotates from round to round."""
     for fn in fns.values():
         fn()  # warm-up
     names = list(fns)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fns[name]()
-            out[name].append(time.perf_counter() - t0)
+            out["wall"][name].append(time.perf_counter() - t0)
+            out["cpu"][name].append(time.process_time() - c0)
     return out
+
+
+def _ratio(times: dict[str, list[float]], name: str, unit: str) -> str:
+    """Median over rounds of the per-round ratio name / unit, with its quartiles."""
+    ratios = sorted(a / b for a, b in zip(times[name], times[unit]))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(ratios):.2f} [{q[0]:.2f}, {q[2]:.2f}]"
 
 
 def run(shape: str, repeats: int, ig_steps: int, quick: bool, n_exact_edges: int) -> list[str]:
@@ -165,22 +177,22 @@ def run(shape: str, repeats: int, ig_steps: int, quick: bool, n_exact_edges: int
     vs = variants(model, clean, corrupted, metric, ig_steps, runner)
     lines = [f"### {shape}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, d_model "
              f"{model.cfg.d_model}, batch {batch} x {seq} tokens, {n_edges} graph edges", "",
-             "| what | forward passes | backward passes | time / (forward + backward) | ms |",
-             "|---|---|---|---|---|"]
+             "| what | forward passes | backward passes | CPU time / unit | wall time / unit "
+             "| CPU ms | wall ms |", "|---|---|---|---|---|---|---|"]
     counts = {name: counter.count(fn) for name, fn in vs.items()}
     times = time_rounds({name: (lambda fn=fn: fn(metric)) for name, fn in vs.items()}, repeats)
-    unit = times["forward + backward (unit)"]
+    unit_name = "forward + backward (unit)"
     for name in vs:
-        ratios = sorted(a / b for a, b in zip(times[name], unit))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
         f, b = counts[name]
-        lines.append(f"| {name} | {f} | {b} | {statistics.median(ratios):.2f} "
-                     f"[{q[0]:.2f}, {q[2]:.2f}] | {1e3 * statistics.median(times[name]):.1f} |")
+        lines.append(f"| {name} | {f} | {b} | {_ratio(times['cpu'], name, unit_name)} "
+                     f"| {_ratio(times['wall'], name, unit_name)} "
+                     f"| {1e3 * statistics.median(times['cpu'][name]):.1f} "
+                     f"| {1e3 * statistics.median(times['wall'][name]):.1f} |")
+    unit_cpu = statistics.median(times["cpu"][unit_name])
 
     # The exact references cost one forward pass per cell or edge: one call each, counted and
     # timed at once, then scaled: hook_z per head to every (position, head) cell, a sample of edges
     # to the whole graph.
-    unit_s = statistics.median(unit)
     z_hooks = [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
     n_heads = model.cfg.n_layers * model.cfg.n_heads
     sample = list(runner.graph.edges[:: max(1, n_edges // n_exact_edges)])[:n_exact_edges]
@@ -191,11 +203,11 @@ def run(shape: str, repeats: int, ig_steps: int, quick: bool, n_exact_edges: int
             lambda metric: faithful_edges(runner, metric, sample), n_edges / len(sample)),
     }
     for label, (fn, scale) in exact.items():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         f, b = counter.count(fn)
-        seconds = time.perf_counter() - t0
-        lines.append(f"| {label} | {f} | {b} | {seconds / unit_s:.0f} (x {scale:.1f}: "
-                     f"{scale * seconds / unit_s:.0f}) | {1e3 * seconds:.0f} |")
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        lines.append(f"| {label} | {f} | {b} | {cpu / unit_cpu:.0f} (x {scale:.1f}: "
+                     f"{scale * cpu / unit_cpu:.0f}) | (one call) | {1e3 * cpu:.0f} | {1e3 * wall:.0f} |")
     return lines
 
 
@@ -336,7 +348,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="the small model only, tiny inputs, 2 rounds (smoke test)")
     parser.add_argument("--repeats", type=int, default=7, help="timing rounds per shape")
     parser.add_argument("--ig-steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: CPU time is then the least disturbed by other load)")
     parser.add_argument("--exact-edges", type=int, default=64,
                         help="edges patched exactly to time edge patching (scaled to the graph)")
     parser.add_argument("--agreement", action="store_true",

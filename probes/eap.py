@@ -96,7 +96,7 @@ class Port:
     @property
     def projection(self) -> str | None:
         """"q", "k" or "v" for attention ports, None for MLP and logits inputs."""
-        return self.port[0] if self.port[0] in PROJECTIONS and self.port != "logits" else None
+        return self.port[0] if self.port[0] in PROJECTIONS else None
 
 
 @dataclass(frozen=True)

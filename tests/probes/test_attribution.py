@@ -268,7 +268,11 @@ def test_benchmark_counts_the_passes_it_reports():
     spec = importlib.util.spec_from_file_location("attribution_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    lines = bench.main(["--quick", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        lines = bench.main(["--quick", "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:3] for line in lines if line.startswith("| ")}
     assert rows["forward + backward (unit)"] == ["1", "1"]
     assert rows["attribution_patch (all hooks above)"] == ["2", "1"]
