@@ -15,6 +15,11 @@ Probes read models through TransformerLens hooks and, where present, the model's
 - :mod:`probes.composition`: Q/K/V composition scores with a random baseline (vanilla models).
 - :mod:`probes.circuits`: shift-aware circuit maths: per-lag QK / OV and full circuits, an exact
   per-component, per-lag decomposition of attention scores, composition scores split by lag.
+- :mod:`probes.attribution`: attribution patching (gradient x activation difference) over any hook
+  set, per head and position, from two passes; comparison with exact patching.
+- :mod:`probes.eap`: edge attribution patching (EAP, EAP-IG) over a component graph whose shifted
+  heads have separate own-position and shift (previous-position K/V) ports; circuits and their
+  faithfulness.
 """
 
 from probes.ablation import (
@@ -30,6 +35,14 @@ from probes.ablation import (
     remove_shift,
     remove_value_shift,
     zero_ablate_head,
+)
+from probes.attribution import (
+    Agreement,
+    AttributionResult,
+    agreement,
+    attribution_patch,
+    exact_patching_effects,
+    logprob_metric,
 )
 from probes.circuits import (
     LaggedComposition,
@@ -49,6 +62,16 @@ from probes.composition import (
     composition_report,
     composition_scores_from_weights,
     random_composition_baseline,
+)
+from probes.eap import (
+    Circuit,
+    CircuitRunner,
+    ComponentGraph,
+    Edge,
+    EdgeScores,
+    Faithfulness,
+    edge_attribution,
+    faithfulness,
 )
 from probes.effective import effective_key_sources, effective_pattern, key_source_weights
 from probes.linear import ProbeResult, default_sites, fit_logistic, previous_token_probe
@@ -136,4 +159,18 @@ __all__ = [
     "previous_token_scores",
     "repeated_random_tokens",
     "source_patterns",
+    "Agreement",
+    "AttributionResult",
+    "Circuit",
+    "CircuitRunner",
+    "ComponentGraph",
+    "Edge",
+    "EdgeScores",
+    "Faithfulness",
+    "agreement",
+    "attribution_patch",
+    "edge_attribution",
+    "exact_patching_effects",
+    "faithfulness",
+    "logprob_metric",
 ]
