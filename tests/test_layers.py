@@ -20,7 +20,8 @@ PACKAGES = ("kvshift_lens", "probes")
 
 CORE = {"kvshift_lens", "kvshift_lens._files", "kvshift_lens.options", "kvshift_lens.config",
         "kvshift_lens.shift", "kvshift_lens.model", "kvshift_lens.checkpoint",
-        "kvshift_lens.generate", "kvshift_lens.processing", "kvshift_lens.tokenizer"}
+        "kvshift_lens.generate", "kvshift_lens.processing", "kvshift_lens.tokenizer",
+        "kvshift_lens.zoo.registry"}
 
 
 def _module_name(path: Path) -> str:

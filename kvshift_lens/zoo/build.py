@@ -23,21 +23,9 @@ from typing import Any
 
 from kvshift_lens import zoo
 from kvshift_lens.run_folder import FINAL_DIR, RUN_FILE
+from kvshift_lens.zoo.registry import EXPORT_DTYPE, TRAIN_INFO
 
 logger = logging.getLogger(__name__)
-
-EXPORT_DTYPE = "float16"
-"""The dtype the zoo stores weights in (float16 keeps 3 more mantissa bits than bfloat16, and the
-weights of these small models are far inside its range)."""
-
-TRAIN_INFO = "zoo_train.json"
-"""Written into the run folder after training: wall time, machine, threads."""
-
-
-def build_command(name: str) -> str:
-    """The documented command that rebuilds ``name``."""
-    return f"python -m kvshift_lens.zoo build {name} --out runs/zoo"
-
 
 def train_model(name: str, out: Path, retrain: bool = False) -> Path:
     """Train ``name`` from its spec into ``out/name`` (reusing a finished run unless ``retrain``);
