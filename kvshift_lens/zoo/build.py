@@ -27,6 +27,21 @@ from kvshift_lens.zoo.registry import EXPORT_DTYPE, TRAIN_INFO
 
 logger = logging.getLogger(__name__)
 
+def check_run_matches_spec(name: str, run_dir: Path) -> None:
+    """Raise ValueError naming the differing settings when the run in ``run_dir`` was not made
+    from ``name``'s spec (every model, task and train setting the spec pins)."""
+    from kvshift_lens.train.config import EXECUTION_ONLY
+
+    run = json.loads((run_dir / RUN_FILE).read_text())
+    spec = zoo.spec(name)
+    diff = [f"{section}.{k}" for section in ("model", "task", "train")
+            for k, v in spec[section].items()
+            if k not in EXECUTION_ONLY and run[section].get(k) != v]
+    if diff:
+        raise ValueError(f"the run in {run_dir} differs from the spec of {name!r} in {diff}; "
+                         "pass --retrain to replace it")
+
+
 def train_model(name: str, out: Path, retrain: bool = False) -> Path:
     """Train ``name`` from its spec into ``out/name`` (reusing a finished run unless ``retrain``);
     return the run folder."""
@@ -37,6 +52,7 @@ def train_model(name: str, out: Path, retrain: bool = False) -> Path:
     run_dir = out / name
     info_file = run_dir / TRAIN_INFO
     if (run_dir / FINAL_DIR).is_dir() and info_file.is_file() and not retrain:
+        check_run_matches_spec(name, run_dir)
         logger.info("%s: reusing the finished run in %s", name, run_dir)
         return run_dir
     resume = (run_dir / RUN_FILE).is_file() and not retrain
