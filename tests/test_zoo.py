@@ -100,8 +100,11 @@ def repeats():
 
 
 def _loss_by_hand(model, tokens):
-    logits = model(tokens).float()
-    logp = logits[:, :-1].log_softmax(-1)
+    return _loss_by_hand_logits(model(tokens), tokens)
+
+
+def _loss_by_hand_logits(logits, tokens):
+    logp = logits[:, :-1].float().log_softmax(-1)
     return -logp.gather(-1, tokens[:, 1:, None])[..., 0]
 
 
@@ -152,6 +155,19 @@ def test_shipped_model_matches_its_card(name, repeats, val_task):
             rec = heads[f"L{layer}H{h}"]
             assert float(prefix[h]) == pytest.approx(rec["prefix_matching"], abs=ATOL)
             assert float(prev[h]) == pytest.approx(rec["previous_token_plain"], abs=ATOL)
+    # zeroing one head's output (hook_z) by hand: the card's ablated second-run losses
+    for key, rec in heads.items():
+        layer, h = int(key[1]), int(key[3:])
+
+        def zero(z, hook, h=h):
+            z = z.clone()
+            z[:, :, h] = 0
+            return z
+
+        with torch.no_grad():
+            abl = _loss_by_hand_logits(model.run_with_hooks(
+                repeats, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)]), repeats)
+        assert float(abl[:, n + 1:].mean()) == pytest.approx(rec["loss_second_repeat_ablated"], abs=ATOL)
     # roles and the value-source scores, recomputed through the probes
     again = {h["head"]: h for h in zoo_card.head_records(model, repeats, copying=False)}
     for key, rec in heads.items():

@@ -74,6 +74,26 @@ def repeat_losses(model: Any, tokens: Int[Tensor, "batch pos"]) -> dict[str, Any
             "loss_by_position": [round(float(x), 4) for x in loss.mean(0)]}
 
 
+def ablated_repeat_losses(model: Any, tokens: Int[Tensor, "batch pos"]) -> dict[str, dict[str, float]]:
+    """Per head ``"L{l}H{h}"``: the first- and second-run losses of ``BOS r r`` with that head's
+    output zeroed (:func:`probes.zero_ablate_head`): the heads whose removal raises the
+    second-run loss are the ones that copy from context."""
+    from probes import zero_ablate_head
+    from probes.scores import token_losses as losses
+
+    n = (tokens.shape[1] - 1) // 2
+    out = {}
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            with torch.no_grad():
+                logits = model.run_with_hooks(
+                    tokens, fwd_hooks=[zero_ablate_head(model, layer, head).fwd_hook])
+            loss = losses(logits, tokens).float().cpu()
+            out[f"L{layer}H{head}"] = {"loss_first_repeat_ablated": float(loss[:, 1:n].mean()),
+                                       "loss_second_repeat_ablated": float(loss[:, n + 1:].mean())}
+    return out
+
+
 def val_task(name: str):
     """The validation split of model ``name``'s corpus, tokenized with the zoo tokenizer."""
     from kvshift_lens.data.text import TextTask
@@ -150,6 +170,9 @@ def measure_card(name: str, folder: str | os.PathLike, run_dir: str | os.PathLik
     val32 = val_losses(full, task)
     reps = repeated_tokens(cfg.d_vocab, task.bos_id)
     heads = head_records(model, reps)
+    ablated = ablated_repeat_losses(model, reps)
+    for h in heads:
+        h.update(ablated[h["head"]])
     shift = bool(cfg.shift_k or cfg.shift_v)
     roles: dict[str, list[str]] = {}
     for h in heads:
@@ -219,15 +242,16 @@ def card_markdown(card: dict[str, Any]) -> str:
         "- Head roles (probes.classify_heads): "
         + "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(m["roles"].items())) + ".", "",
         "| head | role | induction | prefix matching | previous token | previous token (plain) "
-        "| duplicate | copying | key coeffs | value coeffs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| duplicate | copying | 2nd-run loss, head zeroed | key coeffs | value coeffs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for h in m["heads"]:
         coeffs = [", ".join(f"{c:.2f}" for c in h[k]) for k in ("key_coeffs", "value_coeffs")]
         lines.append(
             f"| {h['head']} | {h['kind']} | {_fmt(h['induction'])} | {_fmt(h['prefix_matching'])} "
             f"| {_fmt(h['previous_token'])} | {_fmt(h['previous_token_plain'])} "
-            f"| {_fmt(h['duplicate_token'])} | {_fmt(h['copying'])} | {coeffs[0]} | {coeffs[1]} |")
+            f"| {_fmt(h['duplicate_token'])} | {_fmt(h['copying'])} "
+            f"| {_fmt(h['loss_second_repeat_ablated'])} | {coeffs[0]} | {coeffs[1]} |")
     lines += ["", "Scores are measured on the repeated random tokens above; 'plain' and prefix "
               "matching read the attention pattern, the others the value sources (the effective "
               "pattern of a shifted head, probes.effective).", ""]
@@ -241,5 +265,5 @@ def write_card(card: dict[str, Any], folder: str | os.PathLike) -> None:
     (folder / zoo.CARD_MD).write_text(card_markdown(card))
 
 
-__all__ = ["card_markdown", "head_records", "measure_card", "repeat_losses", "repeated_tokens",
-           "token_losses", "val_losses", "val_task", "write_card"]
+__all__ = ["ablated_repeat_losses", "card_markdown", "head_records", "measure_card", "repeat_losses",
+           "repeated_tokens", "token_losses", "val_losses", "val_task", "write_card"]
