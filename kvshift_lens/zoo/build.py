@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvshift_lens.zoo",
                                      description="List or build the model zoo.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="print the zoo's model names")
+    ls = sub.add_parser("list", help="print the zoo's model names")
+    ls.add_argument("--table", action="store_true",
+                    help="print a markdown table of the built models' cards instead")
     b = sub.add_parser("build", help="train, export and measure zoo models")
     b.add_argument("names", nargs="+", metavar="NAME", help=f"one of {zoo.list_models()} or 'all'")
     b.add_argument("--out", default="runs/zoo", help="where the run folders go (default runs/zoo)")
@@ -132,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "list":
-        sys.stdout.write("\n".join(zoo.list_models()) + "\n")
+        if args.table:
+            from kvshift_lens.zoo.card import zoo_table
+
+            sys.stdout.write(zoo_table())
+        else:
+            sys.stdout.write("\n".join(zoo.list_models()) + "\n")
         return 0
     names = zoo.list_models() if args.names == ["all"] else args.names
     for name in names:

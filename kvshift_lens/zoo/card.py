@@ -258,6 +258,35 @@ def card_markdown(card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def zoo_table() -> str:
+    """A markdown table of every built zoo model (from the cards), and their total size on disk."""
+    lines = ["| name | layers | d_model | heads | MLP | params | tokens | val loss | 1st / 2nd run "
+             "loss | induction heads (score) | previous-token heads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    total = 0
+    for name in zoo.list_models():
+        folder = zoo.MODELS_DIR / name
+        if not (folder / zoo.CARD_FILE).is_file():
+            continue
+        total += sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        c = zoo.model_card(name)
+        r = c.metrics["repeated_tokens"]
+        ind = [f"{h['head']} ({h['induction']:.2f})" for h in c.metrics["heads"]
+               if h["kind"].startswith("induction")]
+        prev = [h["head"] for h in c.metrics["heads"] if h["kind"] == "previous_token"]
+        lines.append(
+            f"| {name} | {c.n_layers} | {c.d_model} | {c.n_heads} | "
+            f"{'-' if c.attn_only else c.d_mlp} | {c.n_params / 1e6:.2f}M | "
+            f"{c.tokens_seen / 1e6:.2f}M | {c.val_loss:.3f} | "
+            f"{r['loss_first_repeat']:.2f} / {r['loss_second_repeat']:.2f} | "
+            f"{', '.join(ind) or 'none'} | {', '.join(prev) or 'none'} |")
+    shared = zoo.TOKENIZER_FILE.stat().st_size + sum(
+        f.stat().st_size for f in zoo.SPECS_DIR.glob("*.json"))
+    lines += ["", f"Total on disk: {(total + shared) / 1e6:.1f} MB (weights in "
+              f"{EXPORT_DTYPE}, tokenizer, cards and specs)."]
+    return "\n".join(lines) + "\n"
+
+
 def write_card(card: dict[str, Any], folder: str | os.PathLike) -> None:
     """Write ``card.json`` and ``card.md`` into ``folder``."""
     folder = Path(folder)
@@ -266,4 +295,4 @@ def write_card(card: dict[str, Any], folder: str | os.PathLike) -> None:
 
 
 __all__ = ["ablated_repeat_losses", "card_markdown", "head_records", "measure_card", "repeat_losses",
-           "repeated_tokens", "token_losses", "val_losses", "val_task", "write_card"]
+           "repeated_tokens", "token_losses", "val_losses", "val_task", "write_card", "zoo_table"]
