@@ -185,3 +185,32 @@ def test_shipped_model_matches_its_card(name, repeats, val_task):
     assert float(val.mean()) == pytest.approx(m["val_loss_first"], abs=ATOL)
     # float16 storage costs under 0.01 nats/token against the float32 model it was exported from
     assert abs(card.val_loss - m["val_loss_fp32"]) < 0.01
+
+
+@pytest.mark.slow
+def test_build_trains_exports_and_measures_a_card(tmp_path, monkeypatch):
+    """The builder end to end on a 3-step budget: train with the project trainer, export float16
+    weights, measure and write the card; a second build reuses the finished run."""
+    from kvshift_lens.zoo import build as zoo_build
+
+    real = zoo.spec
+
+    def short(name):
+        d = real(name)
+        d["train"].update(steps=3, eval_every=3, eval_batches=1)
+        return d
+
+    monkeypatch.setattr(zoo, "spec", short)
+    dest = tmp_path / "export"
+    card = zoo_build.build("kvshift-attn-1l", tmp_path / "runs", dest=dest)
+    assert card["steps"] == 3 and card["tokens_seen"] == 3 * 16 * 256
+    loaded = HookedKVShiftTransformer.from_pretrained(dest, device="cpu")
+    assert next(loaded.parameters()).dtype == torch.float16
+    assert json.loads((dest / "card.json").read_text())["val_loss"] == card["val_loss"]
+    assert (dest / "card.md").read_text().startswith("# kvshift-attn-1l")
+    stamp = (tmp_path / "runs" / "kvshift-attn-1l" / "final" / "model.safetensors").stat().st_mtime_ns
+    zoo_build.build("kvshift-attn-1l", tmp_path / "runs", dest=dest)  # reused, not retrained
+    assert (tmp_path / "runs" / "kvshift-attn-1l" / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+    monkeypatch.setattr(zoo, "spec", real)  # the run no longer matches the (real) spec
+    with pytest.raises(ValueError, match="differs from the spec.*train.steps.*--retrain"):
+        zoo_build.build("kvshift-attn-1l", tmp_path / "runs", dest=dest)
