@@ -812,8 +812,8 @@ class HookedKVShiftTransformer(HookedRootModule):
                 model = cls.from_pretrained(zoo.model_dir(str(directory)), device, allow_nonfinite)
                 return model.to(torch.float32)
             raise CheckpointError(
-                f"{os.fspath(directory)!r} is neither a checkpoint folder nor a zoo model; the "
-                f"zoo has {zoo.list_models()}")
+                f"{os.fspath(directory)!r} does not exist: it is neither a checkpoint folder nor "
+                f"a zoo model; the zoo has {zoo.list_models()}")
         cfg, state, tokenizer = read_checkpoint(directory, allow_nonfinite=allow_nonfinite)
         cfg.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = cls(cfg, tokenizer=tokenizer)

@@ -70,7 +70,7 @@ def test_specs_resolve_with_the_shipped_tokenizer(name):
 
 
 def test_unknown_names_give_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a zoo model.*kvshift-attn-1l"):
+    with pytest.raises(CheckpointError, match="does not exist: it is neither a checkpoint folder nor a zoo model.*kvshift-attn-1l"):
         HookedKVShiftTransformer.from_pretrained("kvshift-attn-9l")
     with pytest.raises(ValueError, match="unknown zoo model 'nope'.*vanilla-attn-1l"):
         zoo.load("nope")
@@ -214,3 +214,21 @@ def test_build_trains_exports_and_measures_a_card(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "spec", real)  # the run no longer matches the (real) spec
     with pytest.raises(ValueError, match="differs from the spec.*train.steps.*--retrain"):
         zoo_build.build("kvshift-attn-1l", tmp_path / "runs", dest=dest)
+
+
+@pytest.mark.skipif(not {"kvshift-attn-1l", "vanilla-attn-1l"} <= set(BUILT),
+                    reason="the 1-layer pair has not been built")
+def test_the_one_layer_story_the_readme_tells():
+    """What the zoo's README reports (the cards' numbers are tied to the weights above): the
+    1-layer KV-shift model copies from context through one shifted induction head, the 1-layer
+    vanilla model cannot."""
+    kv, van = zoo.model_card("kvshift-attn-1l"), zoo.model_card("vanilla-attn-1l")
+    r_kv, r_van = kv.metrics["repeated_tokens"], van.metrics["repeated_tokens"]
+    assert r_kv["in_context_drop"] > 1.0
+    assert abs(r_van["in_context_drop"]) < 0.5
+    induction = [h for h in kv.metrics["heads"] if h["kind"] == "induction_via_shift"]
+    assert induction
+    for h in induction:  # zeroing it removes most of the copying
+        assert h["loss_second_repeat_ablated"] - r_kv["loss_second_repeat"] > 1.0
+    assert not [h for h in van.metrics["heads"] if h["kind"].startswith("induction")]
+    assert kv.val_loss < van.val_loss
