@@ -27,7 +27,12 @@ from transformer_lens.utilities import Slice
 from transformers import PreTrainedTokenizerBase
 
 from kvshift_lens import generate as generation
-from kvshift_lens.checkpoint import check_state_dict, read_checkpoint, save_checkpoint_files
+from kvshift_lens.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    read_checkpoint,
+    save_checkpoint_files,
+)
 from kvshift_lens.components import Embed, PosEmbed, TransformerBlock, Unembed, make_norm
 from kvshift_lens.components.attention import LayerKVCache
 from kvshift_lens.config import KVShiftConfig
@@ -1155,10 +1160,12 @@ class HookedKVShiftTransformer(HookedRootModule):
         device: str | None = None,
         allow_nonfinite: bool = False,
     ) -> HookedKVShiftTransformer:
-        """Load a checkpoint folder written by :meth:`save_pretrained`, in eval mode.
+        """Load a checkpoint folder written by :meth:`save_pretrained`, or a model of the zoo by
+        name (:mod:`kvshift_lens.zoo`, e.g. ``"kvshift-attn-1l"``: float16 weights, upcast to
+        float32), in eval mode.
 
         Args:
-            directory: the checkpoint folder.
+            directory: the checkpoint folder, or a zoo name when no such folder exists.
             device: where to put the model (default: CUDA when available, else CPU).
             allow_nonfinite: load weights holding NaN/inf instead of refusing them (to inspect
                 a diverged run).
@@ -1167,6 +1174,15 @@ class HookedKVShiftTransformer(HookedRootModule):
             CheckpointError: the folder is missing, corrupt, does not match its config, holds
                 non-finite weights or a tokenizer that would run code.
         """
+        if not Path(directory).exists():
+            import kvshift_lens.zoo.registry as zoo
+
+            if zoo.is_zoo_name(directory):
+                model = cls.from_pretrained(zoo.model_dir(str(directory)), device, allow_nonfinite)
+                return model.to(torch.float32)
+            raise CheckpointError(
+                f"{os.fspath(directory)!r} does not exist: it is neither a checkpoint folder nor "
+                f"a zoo model; the zoo has {zoo.list_models()}")
         cfg, state, tokenizer = read_checkpoint(directory, allow_nonfinite=allow_nonfinite)
         cfg.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = cls(cfg, tokenizer=tokenizer)

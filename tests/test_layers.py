@@ -22,7 +22,7 @@ CORE = {"kvshift_lens", "kvshift_lens._files", "kvshift_lens._lazy", "kvshift_le
         "kvshift_lens.config",
         "kvshift_lens.shift", "kvshift_lens.model", "kvshift_lens.checkpoint",
         "kvshift_lens.generate", "kvshift_lens.processing", "kvshift_lens.tokenizer",
-        "kvshift_lens.hooked_transformer"}
+        "kvshift_lens.hooked_transformer", "kvshift_lens.zoo.registry"}
 
 
 def _module_name(path: Path) -> str:
