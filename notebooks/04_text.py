@@ -25,8 +25,8 @@
 # their validation loss, look for induction heads, and let both write some Python.
 #
 # `KVSHIFT_FAST=1` (CI) uses a few files and a few dozen steps: the models learn next to nothing
-# there. The full mode trains on 400 files and takes about 7–10 minutes on a 2-core CPU (much less
-# on a GPU).
+# there. The full mode trains on 400 files; it is the longest of the four notebooks (see
+# notebooks/README.md for measured times).
 
 # %%
 import os
