@@ -586,7 +586,7 @@ def _destroy_process_group() -> None:
 
 
 def cmd_sweep(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
-    from kvshift_lens.train.sweep import run_sweep, summarize
+    from kvshift_lens.train.sweep import progress_log, run_sweep, summarize
 
     if args.summary_only:
         try:
@@ -600,7 +600,7 @@ def cmd_sweep(args: argparse.Namespace, explicit: Mapping[str, Any]) -> int:
             raise CLIError(f"sweep spec {args.spec} does not exist")
         try:
             summary = run_sweep(args.spec, args.out, jobs=args.jobs, overwrite=args.overwrite,
-                                threads=args.threads, log=None if args.quiet else _log)
+                                threads=args.threads, log=None if args.quiet else progress_log)
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e)) from None
     print(summary.to_markdown(), end="")

@@ -26,14 +26,18 @@
 # a sweep (one run folder per model), and plots their accuracy during training.
 #
 # `KVSHIFT_FAST=1` (what CI sets) trains for a few dozen steps on tiny batches, so nothing is
-# learned there; the full mode (the default) takes a few minutes on a laptop CPU.
+# learned there; the full mode (the default) takes minutes (see notebooks/README.md).
 
 # %%
 import os
 from pathlib import Path
 
+from kvshift_lens.viz import setup_notebook
+
 FAST = os.environ.get("KVSHIFT_FAST", "0") == "1"
 RUNS = Path("runs") / "notebooks"  # git-ignored; relative to the folder the notebook runs in
+# figures that survive HTML export; 1 torch thread, as the times in README.md were measured
+print(setup_notebook(threads=1))
 print(f"fast mode: {FAST}; run folders under {RUNS.resolve()}")
 
 # %% [markdown]
@@ -42,7 +46,7 @@ print(f"fast mode: {FAST}; run folders under {RUNS.resolve()}")
 # The demo's sweep spec: attention-only models (d_model 64, 4 heads), task `induction`
 # (vocabulary 64, 64 tokens), AdamW at 1e-3. Three variants differ only in the model section.
 # Unlike the demo, which stops each model at 90% accuracy, we train all of them for 2000 steps to
-# see complete curves (about 5 minutes with 2 worker processes on 2 CPU cores).
+# see complete curves (8 minutes with 2 worker processes, measured on a busy 2-core machine).
 
 # %%
 from kvshift_lens.demo import demo_spec

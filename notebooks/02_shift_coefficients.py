@@ -30,8 +30,12 @@
 import os
 from pathlib import Path
 
+from kvshift_lens.viz import setup_notebook
+
 FAST = os.environ.get("KVSHIFT_FAST", "0") == "1"
 RUNS = Path("runs") / "notebooks"  # git-ignored; relative to the folder the notebook runs in
+# figures that survive HTML export; 1 torch thread, as the times in README.md were measured
+print(setup_notebook(threads=1))
 print(f"fast mode: {FAST}; run folders under {RUNS.resolve()}")
 
 # %% [markdown]

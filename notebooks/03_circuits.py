@@ -37,15 +37,19 @@
 import os
 from pathlib import Path
 
+from kvshift_lens.viz import setup_notebook
+
 FAST = os.environ.get("KVSHIFT_FAST", "0") == "1"
 RUNS = Path("runs") / "notebooks"  # git-ignored; relative to the folder the notebook runs in
+# figures that survive HTML export; 1 torch thread, as the times in README.md were measured
+print(setup_notebook(threads=1))
 print(f"fast mode: {FAST}; run folders under {RUNS.resolve()}")
 
 # %% [markdown]
 # ## The models
 #
-# Notebook 1's sweep (the same spec and folder, so its finished runs are reused), restricted to the
-# two models compared here.
+# Notebook 1's sweep: the same spec and folder, so its finished runs are reused (run first, this
+# notebook trains all three models of that sweep). Two of them are compared here.
 
 # %%
 from kvshift_lens.demo import demo_spec
@@ -56,13 +60,13 @@ spec = demo_spec()
 spec["base"]["train"].update(steps=2000, stop_at_target=False)
 if FAST:
     spec["base"]["train"].update(steps=30, batch_size=8, eval_every=10, eval_batches=1)
-spec["variants"] = {k: spec["variants"][k] for k in ("kvshift_1L", "vanilla_2L")}
 sweep_dir = RUNS / ("induction_fast" if FAST else "induction")
 summary = run_sweep(spec, sweep_dir, jobs=1 if FAST else 2)
 kv, v2 = (HookedKVShiftTransformer.from_pretrained(sweep_dir / f"{v}__seed0" / "final",
                                                    device="cpu").eval()
           for v in ("kvshift_1L", "vanilla_2L"))
-print({r.variant: round(r.final_accuracy, 3) for r in summary.runs if r.status == "finished"})
+print({r.variant: round(r.final_accuracy, 3) for r in summary.runs
+       if r.status == "finished" and r.variant in ("kvshift_1L", "vanilla_2L")})
 
 # %% [markdown]
 # Probe data: the training task (for ablations), and the classic induction sequence `BOS r r`

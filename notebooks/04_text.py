@@ -25,15 +25,19 @@
 # their validation loss, look for induction heads, and let both write some Python.
 #
 # `KVSHIFT_FAST=1` (CI) uses a few files and a few dozen steps: the models learn next to nothing
-# there. The full mode trains on 400 files and takes about 7–10 minutes on a 2-core CPU (much less
-# on a GPU).
+# there. The full mode trains on 400 files; it is the longest of the four notebooks (see
+# notebooks/README.md for measured times).
 
 # %%
 import os
 from pathlib import Path
 
+from kvshift_lens.viz import setup_notebook
+
 FAST = os.environ.get("KVSHIFT_FAST", "0") == "1"
 RUNS = Path("runs") / "notebooks"  # git-ignored; relative to the folder the notebook runs in
+# figures that survive HTML export; 1 torch thread, as the times in README.md were measured
+print(setup_notebook(threads=1))
 print(f"fast mode: {FAST}; run folders under {RUNS.resolve()}")
 
 # %% [markdown]

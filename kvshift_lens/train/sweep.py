@@ -252,8 +252,51 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _stderr_log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel writing cell outputs (ipykernel's streams)."""
+    return "ipykernel" in sys.modules and type(sys.stdout).__module__.startswith("ipykernel")
+
+
+def progress_log(line: str) -> None:
+    """The default ``log`` of :func:`run_sweep`; its lines go where they read as progress.
+
+    In a notebook kernel: stdout, plain text in the cell (stderr would show as error blocks).
+    Elsewhere: stderr. :func:`run_sweep` adds, with this log only, a line when a sweep starts (in a
+    notebook) or a progress bar over its runs (on a terminal); when stderr is a file or a pipe,
+    only the per-run finished/failed lines are written, never a bar.
+    """
+    print(line, file=sys.stdout if _in_notebook() else sys.stderr, flush=True)
+
+
+class _SweepProgress:
+    """Where one sweep's lines go: the caller's ``log`` as given; with :func:`progress_log`, also
+    a start line in a notebook, or a tqdm bar over the runs on a terminal (lines above it)."""
+
+    def __init__(self, log: Callable[[str], None], total: int, jobs: int, out: Path) -> None:
+        self.log, self.bar = log, None
+        if log is not progress_log or total == 0:
+            return
+        if _in_notebook():
+            workers = min(jobs, total)
+            log(f"sweep: training {total} run{'s' * (total > 1)} in {out}, "
+                f"{workers} at a time; one line as each finishes")
+        elif sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"sweep {out.name}", unit="run", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def run_done(self, text: str) -> None:
+        if self.bar is None:
+            self.log(text)
+        else:
+            self.bar.write(text, file=sys.stderr)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run_sweep(
@@ -262,7 +305,7 @@ def run_sweep(
     jobs: int = 1,
     overwrite: bool = False,
     threads: int | None = None,
-    log: Callable[[str], None] | None = _stderr_log,
+    log: Callable[[str], None] | None = progress_log,
 ) -> SweepSummary:
     """Run every run of a sweep that is not finished yet, then write and return the summary.
 
@@ -273,7 +316,10 @@ def run_sweep(
         overwrite: rerun finished runs too, from scratch.
         threads: torch threads per worker (default 1 in workers; in-process runs leave the
             current setting alone unless this is given).
-        log: called with one line per started/finished run (None: silent).
+        log: called with one line per finished or failed run, and one for runs skipped
+            (None: silent). The default, :func:`progress_log`, also shows progress
+            where someone watches: a start line in a notebook (on stdout), a bar over
+            the runs on a terminal; when stderr is not a terminal, only those lines.
 
     Raises:
         FileNotFoundError, ValueError: the spec is missing or malformed (before anything runs).
@@ -345,16 +391,20 @@ def _run_all(checked: dict[str, Any], runs: list[SweepRun], out: Path, jobs: int
     if skipped:
         log(f"sweep: {len(skipped)} of {len(runs)} runs already finished, skipped")
     records: list[dict[str, Any]] = []
+    progress = _SweepProgress(log, len(todo), jobs, out)
 
     def done(rec: dict[str, Any]) -> None:
         records.append(rec)
         n = f"[{len(records)}/{len(todo)}]"
         if rec["status"] == "finished":
             acc = rec["final_metrics"].get("accuracy")
-            log(f"{n} {rec['name']}: finished, {rec['steps']} steps, steps_to_target="
+            progress.run_done(
+                f"{n} {rec['name']}: finished, {rec['steps']} steps, steps_to_target="
                 f"{rec['steps_to_target']}, accuracy={_fmt(acc, 4)}, {rec['wall_seconds']:.1f}s")
         else:
-            log(f"{n} {rec['name']}: FAILED: {rec['error']}")
+            progress.run_done(f"{n} {rec['name']}: FAILED: {rec['error']}")
+        if len(records) == len(todo):
+            progress.close()  # the bar (if any) goes before the summary is printed
 
     if jobs == 1 or len(todo) <= 1:
         if threads is not None:

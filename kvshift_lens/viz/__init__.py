@@ -9,6 +9,8 @@ image export. Nothing here reads run folders or trains: the run report
 - :mod:`~kvshift_lens.viz.patterns`: circuitsvis attention patterns (plain and effective) and
   tokens coloured by loss, as offline HTML.
 - :mod:`~kvshift_lens.viz.export`: PNG/SVG files of plotly figures (kaleido + Chromium).
+- :mod:`~kvshift_lens.viz.notebook`: :func:`setup_notebook`, for figures that survive
+  ``nbconvert --to html`` and static viewers, and an explicit torch thread count.
 
 Importing this package imports plotly but neither circuitsvis' bundle nor kaleido.
 """
@@ -26,6 +28,7 @@ from kvshift_lens.viz.figures import (
     steps_to_accuracy,
 )
 from kvshift_lens.viz.landscape import Landscape, loss_landscape
+from kvshift_lens.viz.notebook import setup_notebook
 from kvshift_lens.viz.patterns import (
     attention_heads,
     attention_patterns,
@@ -51,5 +54,6 @@ __all__ = [
     "phase_change_step",
     "plain_and_effective",
     "score_heatmap",
+    "setup_notebook",
     "steps_to_accuracy",
 ]
