@@ -68,10 +68,10 @@ class _Shift(torch.autograd.Function):
         dx[t] = sum_l c_l g[t + l]          dc_l = sum_{batch, t, d_head} g[t] x[t - l]
 
     Each coefficient is first broadcast to a contiguous ``[head, d_head]`` block, so every
-    elementwise pass runs over whole ``head * d_head`` rows (a ``[head, 1]`` operand would split
-    them into ``d_head``-long pieces: 2-5x slower on CPU, more on a strided ``x``); the reductions
-    for ``dc`` run over contiguous products (``sum((0, 1))`` then over ``d_head``), which is
-    2x faster than one ``sum((0, 1, 3))``."""
+    elementwise pass runs over whole ``head * d_head`` rows (a ``[head, 1]`` operand splits them
+    into ``d_head``-long pieces, several times slower on CPU); ``dc`` reduces contiguous products
+    over ``(batch, pos)`` first (in at least float32), then over ``d_head``. BENCHMARKS.md has
+    the measurements."""
 
     @staticmethod
     def forward(ctx, x: Tensor, c: Tensor) -> Tensor:
@@ -95,9 +95,10 @@ class _Shift(torch.autograd.Function):
                 dx[:, : pos - lag].addcmul_(g[:, lag:], per_lag[lag])
         if ctx.needs_input_grad[1]:
             dc = torch.zeros_like(c)  # lags longer than the sequence get no gradient
+            acc = torch.promote_types(x.dtype, torch.float32)  # bf16 activations: float32 sums
             for lag in range(n_lags):
                 products = g[:, lag:] * x[:, : pos - lag]  # [batch, pos - lag, head, d_head]
-                dc[:, lag] = products.sum((0, 1)).sum(-1)
+                dc[:, lag] = products.sum((0, 1), dtype=acc).sum(-1)
         return dx, dc
 
 
