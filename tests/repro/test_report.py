@@ -322,3 +322,36 @@ def test_curves_can_hold_a_stopped_runs_last_value(tmp_path: Path) -> None:
     _, held = sweep.curve("kv", None, "eval/accuracy", hold_last=True)
     assert held[0].tolist() == [0.1, 0.5, 0.95, 0.95, 0.95]
     assert held[1].tolist() == [0.1, 0.2, 0.3, 0.4, 0.6]
+
+
+def test_a_quick_report_never_replaces_the_real_one(tmp_path: Path, monkeypatch) -> None:
+    """A --quick (smoke-test) set writes its report inside its own folder by default, and refuses
+    to write over a full report or a full report's figures even when told to."""
+    monkeypatch.chdir(tmp_path)
+    full = tmp_path / "full"
+    depth_folder(full, kv_at=175, v2_at=650, v1_best=0.1)
+    build_report(full, names=["depth"], static=False)  # defaults: ./REPRODUCTION.md
+    real = (tmp_path / "REPRODUCTION.md").read_text()
+    assert real.startswith("<!-- kvshift repro report: full -->")
+    figures = tmp_path / "docs" / "reproduction"
+    figures.mkdir(parents=True)
+    (figures / "depth.png").write_bytes(b"\x89PNG real figure")
+
+    quick = tmp_path / "quick"
+    depth_folder(quick, kv_at=175, v2_at=650, v1_best=0.1)
+    mark(quick / "depth", quick=True)
+    result = build_report(quick, names=["depth"], static=False)
+    assert result.markdown == quick / "REPRODUCTION.md"
+    assert "Quick mode" in result.markdown.read_text()
+    assert (tmp_path / "REPRODUCTION.md").read_text() == real
+    with pytest.raises(ValueError, match="holds a full reproduction report"):
+        build_report(quick, markdown=tmp_path / "REPRODUCTION.md", names=["depth"], static=False)
+    with pytest.raises(ValueError, match="holds a full report's figures"):
+        build_report(quick, markdown=tmp_path / "Q.md", figures_dir=figures, names=["depth"])
+    assert (tmp_path / "REPRODUCTION.md").read_text() == real
+    assert (figures / "depth.png").read_bytes() == b"\x89PNG real figure"
+    # a report written before the marker existed counts as full
+    legacy = tmp_path / "OLD.md"
+    legacy.write_text("# Reproducing the paper's toy results\n")
+    with pytest.raises(ValueError, match="holds a full reproduction report"):
+        build_report(quick, markdown=legacy, names=["depth"], static=False)
