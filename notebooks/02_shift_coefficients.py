@@ -124,7 +124,8 @@ steps, logged = eval_coefficients(run.evals)  # logged[which]: [eval, layer, hea
 paths = {f"L0H{h}": (current_share(logged["k"][:, 0, h]), current_share(logged["v"][:, 0, h]))
          for h in land.heads}
 a1, b1 = land.argmin()
-print(f"lowest loss on the grid at (key share, value share) = ({a1:.2f}, {b1:.2f}); trained model: {land.model_loss:.3f}")
+print(f"lowest loss on the grid at (key share, value share) = ({a1:.2f}, {b1:.2f}); "
+      f"trained model: {land.model_loss:.3f}")
 landscape_figure(land, paths=paths)
 
 # %% [markdown]
