@@ -73,8 +73,7 @@ pd.DataFrame([{"model": label, "name": card.name, "layers": card.n_layers, "head
 # the same, with the first copy replaced by other random tokens (`BOS r' r`), so the second copy
 # has nothing earlier to copy from; the two have the same shape, as patching needs. The metric is
 # the mean log-probability of the second copy's predictable tokens (positions whose next token
-# the first copy gives away). It is differentiable, and at the last layer of an attention-only
-# model without a final norm it is nearly linear in the heads' outputs.
+# the first copy gives away), a differentiable scalar as attribution patching needs.
 
 # %%
 import torch
@@ -105,7 +104,7 @@ gaps.round(3)
 
 # %% [markdown]
 # The gap is what a circuit must explain. The KV-shift model predicts the second copy far better
-# when the first copy is there. The vanilla model barely does (a few hundredths of a nat): it has
+# when the first copy is there. The vanilla model barely does (under a tenth of a nat): it has
 # almost no in-context copying to find a circuit for, so its patching numbers below measure noise
 # around a tiny effect, and its faithfulness fractions divide by that tiny gap.
 
@@ -304,7 +303,8 @@ faith.pivot(index="edges kept", columns="model", values="faithfulness").round(3)
 # ## The circuit graphs
 #
 # The smallest top-k circuit of the KV-shift model that keeps at least 90% of the gap, and the
-# top-5 edges of the vanilla model (it has no small faithful circuit to show; see above). Shift
+# top-5 edges of the vanilla model (it has no small faithful circuit to show; see above: its
+# largest edges go straight to the logits and form no path from `embed`). Shift
 # edges are dashed and labelled with their port; colour and width give the EAP-IG score (negative:
 # corrupting the edge lowers the log-prob of the repeats, i.e. the edge helps).
 
@@ -338,28 +338,33 @@ pd.DataFrame([{"removed edge": e, "faithfulness without it":
 # %% [markdown]
 # ## What the numbers show
 #
-# Full mode (32 sequences, runs of 50 tokens, EAP-IG with 10 steps), on a CPU:
+# Measured in full mode (32 sequences, runs of 50 tokens, EAP-IG with 10 steps) on a CPU; fast mode
+# uses fewer, shorter sequences, so its numbers differ in detail.
 #
 # - **KV-shift 1L has one induction circuit, and it goes through the key shift.** L0H3 is the only
-#   head with a role (`induction_via_shift`, induction score about 0.65, keys ~97% from the
-#   previous position). Corrupting the first copy costs about 2.9 nats of log-prob on the second
-#   copy, and corrupting L0H3's output alone does about all of it; no other head moves the metric
-#   by more than a few hundredths. The top three EAP-IG edges are `logits <- L0H3`,
-#   `L0H3 <- embed via k_shift` (its keys read the previous token: where to look) and
-#   `L0H3 <- embed via v` (its values read the current token: what to copy); together they keep
-#   all of the gap (faithfulness about 1.0), and dropping any one of the three loses most of it.
-#   The shift edge is the second-ranked edge of 25; the own-position key edge `L0H3 <- embed
-#   via k` and the value-shift edge hardly matter.
-# - **Attribution patching ranks the heads right but underestimates the induction head.** Per
-#   head, Spearman is high and the top heads agree; plain attribution gives about two thirds of
-#   L0H3's exact effect (attention moves from saturated to spread out when the first copy is
-#   corrupted, and the gradient at the clean run does not see the whole move). EAP-IG comes
-#   closer to the exact edge effects than EAP.
-# - **Vanilla 2L has no induction circuit to find.** No head has a role, the clean-corrupted gap
-#   is a few hundredths of a nat, and the per-head effects are of that size too. Edge scores of
-#   that size rank some edges, but the faithfulness of top-k circuits jumps around (below 0 and
-#   above 1) because it divides by that tiny gap: there is no small circuit that carries a real
-#   effect. This is the card's "before the phase change" model, and the comparison with the
-#   one-layer KV-shift model at the same budget is the point.
+#   head with a role (`induction_via_shift`: induction score 0.59, prefix matching 0.62, 99% of
+#   its key from the previous position). Corrupting the first copy costs 2.67 nats of log-prob on
+#   the second copy; corrupting L0H3's output alone costs 2.66, any other head's output at most 0.02.
+#   The top three EAP-IG edges are `logits <- L0H3`, `L0H3 <- embed via k_shift` (its keys read
+#   the previous token: where to look) and `L0H3 <- embed via v` (its values read the current
+#   token: what to copy). Those three keep 0.99 of the gap; the top two keep 0.13 and the top one
+#   nothing. Without the shift edge the three-edge circuit keeps 0.04, without the value edge
+#   0.13. The shift edge ranks second of 25.
+# - **Attribution patching ranks heads well and underestimates the induction head.** Per head
+#   and hook, Spearman 0.90 with the top 3 identical; per position and head, Spearman 0.89 (404
+#   cells). Attribution gives L0H3's output 1.87 of the exact 2.66: the log-prob bends between
+#   the clean and corrupted runs (attention is a softmax), and a gradient taken at the clean run
+#   sees only the start of it. On edges this matters more. Plain EAP scores the value edge
+#   `L0H3 <- embed via v` at +0.01 where exact edge patching gives -2.31, and the shift edge at
+#   -0.59 against -2.56 (Spearman 0.54 over 25 edges). EAP-IG gives -0.81 and -1.84 (Spearman
+#   0.78, top 3 identical to the exact ones).
+# - **Vanilla 2L has no induction circuit to find.** No head has a role (every induction and
+#   previous-token score is at most 0.05), and the clean-corrupted gap is 0.07 nats. Per-head
+#   effects are of that size, with both signs (Spearman 0.74 between attribution and exact
+#   patching). The largest edges are heads writing straight to the logits, so the top-5 circuit
+#   has no path from `embed`, every head in it computes on corrupted input, and its faithfulness
+#   is 0. Larger circuits swing from 1.16 (8 edges) to -0.47 (12): fractions of a gap this small
+#   say nothing. This is the card's "before the phase change" model. At the same budget, one
+#   KV-shift layer has a clean three-edge induction circuit and two vanilla layers have none.
 #
-# The exact numbers of this run are in the tables above.
+# The tables above hold the exact numbers of the run you are looking at.

@@ -40,7 +40,7 @@ EXPECTED = {
                              "log-prob of the repeats"]},
     "04_text": {"plotly": 3, "circuitsvis": 0,
                 "text": ["validation loss", "heads with a role", "generated:"]},
-    "05_zoo_circuits": {"plotly": 6, "circuitsvis": 2,
+    "05_zoo_circuits": {"plotly": 7, "circuitsvis": 2,
                         "text": ["induction_via_shift", "agreement of attribution",
                                  "edge attribution vs exact edge patching",
                                  "'L0H3 <- embed via k_shift' in the top-"]},
