@@ -20,7 +20,8 @@ from nbclient import NotebookClient
 from nbconvert import HTMLExporter
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_train_and_compare", "02_shift_coefficients", "03_circuits", "04_text"]
+NAMES = ["01_train_and_compare", "02_shift_coefficients", "03_circuits", "04_text",
+         "05_zoo_circuits"]
 CELL_TIMEOUT_S = 120
 # What setup_notebook's renderer emits: per figure, HTML with the plotly div and the call that draws
 # it; once per kernel, the inlined plotly.js bundle (it ends by defining window.Plotly).
@@ -39,6 +40,10 @@ EXPECTED = {
                              "log-prob of the repeats"]},
     "04_text": {"plotly": 3, "circuitsvis": 0,
                 "text": ["validation loss", "heads with a role", "generated:"]},
+    "05_zoo_circuits": {"plotly": 7, "circuitsvis": 2,
+                        "text": ["induction_via_shift", "agreement of attribution",
+                                 "edge attribution vs exact edge patching",
+                                 "'L0H3 <- embed via k_shift' in the top-"]},
 }
 
 
