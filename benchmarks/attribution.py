@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/attribution.py            # full run (a few minutes on 2 CPU cores)
     .venv/bin/python benchmarks/attribution.py --quick    # smoke test
     .venv/bin/python benchmarks/attribution.py --agreement   # estimates vs exact patching
+    .venv/bin/python benchmarks/attribution.py --zoo         # the zoo's two-layer text models
 
 (1) **Passes.** Forward passes are counted by a hook on ``hook_embed`` (it fires once per forward
 pass of the model), backward passes by a gradient hook the metric puts on the logits (it fires once
@@ -79,7 +80,7 @@ def attribution_hooks(model: HookedKVShiftTransformer) -> list[str]:
         names += [f"blocks.{layer}.hook_resid_pre", f"{a}.hook_q", f"{a}.hook_k", f"{a}.hook_v",
                   f"{a}.hook_k_shifted", f"{a}.hook_v_shifted", f"{a}.hook_shift_k",
                   f"{a}.hook_shift_v", f"{a}.hook_pattern", f"{a}.hook_z"]
-    return names
+    return [n for n in names if n in model.hook_dict]  # a vanilla model has no shift hooks
 
 
 class PassCounter:
@@ -170,6 +171,27 @@ def run(shape: str, repeats: int, ig_steps: int, quick: bool, n_exact_edges: int
         batch, seq = 2, min(seq, 16)
     model = make_model(cfg)
     clean, corrupted = make_inputs(cfg, batch, seq)
+    return run_model(shape, model, clean, corrupted, repeats, ig_steps, n_exact_edges)
+
+
+def zoo_inputs(model: HookedKVShiftTransformer, batch: int, run_length: int,
+               seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``BOS r r`` (clean) and ``BOS r' r`` (corrupted: the first copy redrawn), the inputs
+    notebook 05 uses on the zoo's text models."""
+    g = torch.Generator().manual_seed(seed)
+    bos = model.tokenizer.bos_token_id
+    low = 1 if bos == 0 else 0
+    r = torch.randint(low, model.cfg.d_vocab, (batch, run_length), generator=g)
+    r2 = torch.randint(low, model.cfg.d_vocab, (batch, run_length), generator=g)
+    start = torch.full((batch, 1), bos)
+    return torch.cat([start, r, r], 1), torch.cat([start, r2, r], 1)
+
+
+def run_model(label: str, model: HookedKVShiftTransformer, clean: torch.Tensor,
+              corrupted: torch.Tensor, repeats: int, ig_steps: int,
+              n_exact_edges: int) -> list[str]:
+    batch, seq = clean.shape
+    shape = label
     metric = logprob_metric(clean)
     counter = PassCounter(model, metric)
     runner = CircuitRunner(model, clean, corrupted, metric)
@@ -354,6 +376,9 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="edges patched exactly to time edge patching (scaled to the graph)")
     parser.add_argument("--agreement", action="store_true",
                         help="instead of timing: estimates against exact patching (trains two models)")
+    parser.add_argument("--zoo", nargs="*", default=None, metavar="NAME",
+                        help="time the zoo's pretrained models instead (default with no names: the "
+                             "two-layer ones) on BOS r r inputs, batch 8, runs of 50 tokens")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.agreement:
@@ -363,7 +388,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     load_before = os.getloadavg()[0]
     lines = [f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs"]
     print(lines[0], flush=True)
-    for shape in list(SHAPES)[:1] if args.quick else SHAPES:
+    if args.zoo is not None:
+        from kvshift_lens import zoo
+
+        names = args.zoo or [n for n in zoo.list_models() if n.endswith("2l")]
+        for name in names:
+            model = HookedKVShiftTransformer.from_pretrained(name, device="cpu")
+            clean, corrupted = zoo_inputs(model, 2 if args.quick else 8, 8 if args.quick else 50)
+            part = [""] + run_model(f"zoo {name}", model, clean, corrupted,
+                                    2 if args.quick else args.repeats, args.ig_steps,
+                                    4 if args.quick else args.exact_edges)
+            print("\n".join(part), flush=True)
+            lines += part
+    for shape in [] if args.zoo is not None else list(SHAPES)[:1] if args.quick else SHAPES:
         part = [""] + run(shape, 2 if args.quick else args.repeats, args.ig_steps, args.quick,
                           4 if args.quick else args.exact_edges)
         print("\n".join(part), flush=True)
