@@ -12,6 +12,12 @@ Rules, per head, first match wins (thresholds are the module constants below)::
     duplicate_token >= DUPLICATE_TOKEN_THRESHOLD (value sources)   -> DUPLICATE_TOKEN
     otherwise                                                      -> OTHER
 
+and then, per layer with no PREVIOUS_TOKEN head: when the previous-token scores of its OTHER heads
+sum to at least PREVIOUS_TOKEN_THRESHOLD, those of them holding at least 1 / n_heads of that
+threshold -> PREVIOUS_TOKEN_SHARED (a previous-token role spread over several heads, as two-layer
+models with learned absolute positions often grow it: each head attends to t-1 with 0.15-0.2,
+together with 0.7, and ablating any one of them costs accuracy).
+
 ``key_past_weight`` is the share of the key coefficients on earlier positions,
 ``sum_{l>=1} |alpha_l| / sum_l |alpha_l|`` (0 for an unshifted head); for the paper's window 1,
 ``> 0.5`` is ``|alpha1| < |alpha2|``: the key at j describes token j-1 more than token j, so matching
@@ -42,6 +48,7 @@ trained on a task vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +80,7 @@ class HeadKind(str, enum.Enum):
     """What a head does (see the module docstring for the rules)."""
 
     PREVIOUS_TOKEN = "previous_token"
+    PREVIOUS_TOKEN_SHARED = "previous_token_shared"
     INDUCTION_VIA_SHIFT = "induction_via_shift"
     INDUCTION_VIA_COMPOSITION = "induction_via_composition"
     DUPLICATE_TOKEN = "duplicate_token"
@@ -212,7 +220,32 @@ def classify_from_scores(
                 key_coeffs=_coeff_tuple(scores.key_coeffs, layer, head),
                 value_coeffs=_coeff_tuple(scores.value_coeffs, layer, head), reason=reason,
             ))
-    return HeadTaxonomy(heads=heads, scores=scores)
+    return HeadTaxonomy(heads=_shared_previous_token(heads, previous_token_threshold, n_heads),
+                        scores=scores)
+
+
+def _shared_previous_token(heads: list[HeadClass], threshold: float,
+                           n_heads: int) -> list[HeadClass]:
+    """Mark a layer's previous-token role spread over several OTHER heads (module docstring)."""
+    out = list(heads)
+    layers = sorted({h.layer for h in heads})
+    for layer in layers:
+        here = [i for i, h in enumerate(out) if h.layer == layer]
+        if any(out[i].kind == HeadKind.PREVIOUS_TOKEN for i in here):
+            continue
+        others = [i for i in here if out[i].kind == HeadKind.OTHER]
+        total = sum(out[i].previous_token for i in others)
+        if total < threshold:
+            continue
+        for i in others:
+            h = out[i]
+            if h.previous_token >= threshold / n_heads:
+                out[i] = dataclasses.replace(
+                    h, kind=HeadKind.PREVIOUS_TOKEN_SHARED,
+                    reason=(f"previous-token {h.previous_token:.2f}, with layer {layer}'s other "
+                            f"heads together at {total:.2f} >= {threshold}: a shared "
+                            "previous-token role"))
+    return out
 
 
 def classify_heads(

@@ -169,6 +169,23 @@ def test_rules_at_the_thresholds():
         0, 0).kind is HeadKind.OTHER
 
 
+def test_a_previous_token_role_shared_by_several_heads():
+    """Four layer-0 heads each attending to t-1 with ~0.18 (together 0.74, as the demo's vanilla
+    2-layer model does) share the role; a fifth at 0.05 does not; a layer with a real
+    previous-token head, or whose heads sum to less than the threshold, is left alone."""
+    shared = [{"prev": 0.16}, {"prev": 0.21}, {"prev": 0.18}, {"prev": 0.19}, {"prev": 0.05}]
+    tax = classify_from_scores(scores_for(shared))
+    assert [h.kind for h in tax] == [HeadKind.PREVIOUS_TOKEN_SHARED] * 4 + [HeadKind.OTHER]
+    assert "together at 0.79" in tax.of(0, 0).reason
+    weak = classify_from_scores(scores_for([{"prev": 0.09}] * 4))
+    assert {h.kind for h in weak} == {HeadKind.OTHER}
+    strong = classify_from_scores(scores_for([{"prev": 0.5}, {"prev": 0.2}, {"prev": 0.2}]))
+    assert [h.kind for h in strong] == [HeadKind.PREVIOUS_TOKEN, HeadKind.OTHER, HeadKind.OTHER]
+    # per layer: layer 1's heads do not borrow layer 0's scores
+    two = classify_from_scores(scores_for([{"prev": 0.2}] * 3 + [{"prev": 0.1}] * 3, n_layers=2))
+    assert two.kinds() == [[HeadKind.PREVIOUS_TOKEN_SHARED] * 3, [HeadKind.OTHER] * 3]
+
+
 def test_grouped_query_heads_get_their_kv_heads_coefficients():
     model = build(n_layers=1, n_key_value_heads=2, d_model=16, d_head=4)  # 4 query heads
     tokens = RepeatedTokensTask(d_vocab=23, run_length=5, distinct=True).sample(
