@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python -m kvshift_lens.demo --out runs/demo
+	$(BIN)/python -m kvshift_lens.demo --out runs/demo $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q

@@ -88,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     print(f"kvshift_lens demo: training 3 models on the induction task in {out} ...", flush=True)
-    summary = run_sweep(demo_spec(args.quick), out, jobs=args.jobs, overwrite=args.overwrite,
-                        log=None)
+    try:
+        summary = run_sweep(demo_spec(args.quick), out, jobs=args.jobs, overwrite=args.overwrite,
+                            log=None)
+    except ValueError as e:  # e.g. a folder holding another (older) demo's runs
+        msg = " ".join(str(e).split()).replace("--overwrite", "--overwrite (make demo "
+                                                             "ARGS=--overwrite)")
+        print(f"demo: error: {msg}", file=sys.stderr)
+        return 2
     if summary.failed:
         for r in summary.failed:
             print(f"run {r.name} failed: {r.error}", file=sys.stderr)
