@@ -219,3 +219,17 @@ def test_text_runs_evaluate_on_validation_and_keep_their_tokenizer(tmp_path):
     assert result.final_metrics["loss"] == pytest.approx(expected, rel=1e-5)
     final = HookedKVShiftTransformer.from_pretrained(tmp_path / "run" / "final", device="cpu")
     assert final.to_string(final.to_tokens("lorem ipsum", prepend_bos=False)[0]) == "lorem ipsum"
+
+
+def test_training_works_after_gradients_were_switched_off(tmp_path):
+    """TransformerLens and ARENA notebooks start with torch.set_grad_enabled(False); the trainer
+    turns gradients on for its own steps (and leaves the caller's setting as it was)."""
+    torch.set_grad_enabled(False)
+    try:
+        result = train(small_spec(steps=4, checkpoint_every=0), tmp_path / "run")
+        assert not torch.is_grad_enabled()
+    finally:
+        torch.set_grad_enabled(True)
+    straight = train(small_spec(steps=4, checkpoint_every=0), tmp_path / "straight")
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[k], v), k
