@@ -277,3 +277,18 @@ def test_shift_parameters_are_the_coefficients_in_parameter_order():
     assert len(got) == 3 * model.cfg.n_layers
     assert all(a is b for a, b in zip(got, expected, strict=True))
     assert build(shift_k=False, shift_v=False).shift_parameters() == []
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_explicit_attention_gives_the_same_bits_with_and_without_autograd(n_kv):
+    """The explicit path multiplies per batch element without autograd and batched with it."""
+    model = build(n_key_value_heads=n_kv, use_sdpa=False)
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 10), generator=torch.Generator().manual_seed(1))
+    names = lambda n: n.endswith(("attn_scores", "pattern", "hook_z"))  # noqa: E731
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=names)
+    logits_grad, cache_grad = model.run_with_cache(tokens, names_filter=names)
+    assert logits_grad.requires_grad
+    assert torch.equal(logits, logits_grad.detach())
+    for name in cache:
+        assert torch.equal(cache[name], cache_grad[name]), name

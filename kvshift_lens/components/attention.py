@@ -277,17 +277,14 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch head_index query_pos key_pos"]:
         """``q . k / sqrt(d_head)`` with future keys masked to -inf, through
         ``hook_attn_scores``. Query i sits at absolute position ``offset + i``."""
-        b, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
-        # [batch * head_index, query_pos | key_pos, d_head], contiguous per head for bmm
-        qh = q.transpose(1, 2).reshape(b * self.cfg.n_heads, n_q, -1)
-        kh = self._per_query_head(k).transpose(1, 2).reshape(b * self.cfg.n_heads, n_k, -1)
-        # One product adds the causal mask (0 or -inf) and one in-place pass scales, in a single
-        # [batch * head_index, query_pos, key_pos] buffer; (q.k + 0) * scale is bit for bit
-        # q.k * scale, and -inf stays -inf.
+        n_q, n_k = q.shape[1], k.shape[1]
+        # The causal mask, added by the product itself: (q.k + 0) * scale is bit for bit
+        # q.k * scale, and -inf stays -inf; one [batch, head_index, query_pos, key_pos] buffer.
         mask = torch.zeros(n_q, n_k, dtype=q.dtype, device=q.device).masked_fill_(
             _future(n_q, n_k, offset, q.device), float("-inf"))  # [query_pos, key_pos]
-        scores = torch.baddbmm(mask, qh, kh.transpose(1, 2)).mul_(self.scale)
-        scores = scores.view(b, -1, n_q, n_k)  # [batch, head_index, query_pos, key_pos]
+        qh = q.transpose(1, 2)  # [batch, head_index, query_pos, d_head]
+        kh = self._per_query_head(k).permute(0, 2, 3, 1)  # [batch, head_index, d_head, key_pos]
+        scores = _per_head_matmul(qh, kh, mask).mul_(self.scale)
         return self.hook_attn_scores(scores)
 
     def calculate_pattern(self, scores: Pattern) -> Pattern:
@@ -299,8 +296,8 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch query_pos head_index d_head"]:
         """Each head's pattern-weighted sum of the (shifted) values, through ``hook_z``."""
         vh = self._per_query_head(v).transpose(1, 2)  # [batch, head_index, key_pos, d_head]
-        z = (pattern @ vh).transpose(1, 2)  # [batch, query_pos, head_index, d_head]
-        return self.hook_z(z)
+        z = _per_head_matmul(pattern, vh)  # [batch, head_index, query_pos, d_head]
+        return self.hook_z(z.transpose(1, 2))
 
     def calculate_z_scores_fused(
         self,
@@ -402,6 +399,36 @@ def _future(n_queries: int, n_keys: int, offset: int,
             device: torch.device) -> Bool[Tensor, "query_pos key_pos"]:
     """True where query i (at absolute position ``offset + i``) would read a later key."""
     return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).triu(offset + 1)
+
+
+def _per_head_matmul(
+    x: Float[Tensor, "batch head n m"],
+    y: Float[Tensor, "batch head m k"],
+    add: Float[Tensor, "n k"] | None = None,
+) -> Float[Tensor, "batch head n k"]:
+    """``x @ y (+ add)`` for every batch element and head, for the explicit attention path.
+
+    q, k and v are strided views (of the fused projection, transposed to head-major), which a
+    single batched product must first copy whole. On CPU without autograd (caching, patching),
+    one product per batch element copies and multiplies a slice at a time into one output;
+    otherwise the batched product. Both multiply the same layouts.
+    """
+    b, h, n, k = x.shape[0], x.shape[1], x.shape[2], y.shape[3]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if needs_grad or x.device.type != "cpu":
+        x3, y3 = x.reshape(b * h, n, -1), y.reshape(b * h, -1, k)  # [batch * head, ...] copies
+        out = torch.bmm(x3, y3) if add is None else torch.baddbmm(add, x3, y3)
+        return out.view(b, h, n, k)
+    out = torch.empty(b, h, n, k, dtype=x.dtype, device=x.device)
+    for i in range(b):
+        # Small per-element copies, in the layout the batched path multiplies (same kernel,
+        # same bits), reuse memory where full-size copies would need fresh pages.
+        xi, yi = x[i].contiguous(), y[i].contiguous()
+        if add is None:
+            torch.bmm(xi, yi, out=out[i])
+        else:
+            torch.baddbmm(add, xi, yi, out=out[i])
+    return out
 
 
 def _project(
