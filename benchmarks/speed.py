@@ -61,6 +61,7 @@ N_LAYERS, D_MODEL, N_HEADS, D_HEAD = 4, 256, 8, 32
 SEQ, BATCH, D_VOCAB, D_MLP = 256, 8, 512, 1024
 FILTER_NAME = "blocks.0.hook_resid_post"
 
+TIMING_GROUPS = ("attn-only", "mlp", "forward")
 GOALS = {"train_vs_plain": 1.03, "shift_on_vs_off": 1.03, "cache_all_time": 1.6,
          "filtered_cache_mem": 1.10}
 
@@ -408,6 +409,9 @@ def main() -> None:
                     default=int(os.environ.get("KVSHIFT_BENCH_THREADS", "1")),
                     help="torch threads (default: $KVSHIFT_BENCH_THREADS or 1)")
     ap.add_argument("--skip-memory", action="store_true", help="leave out the memory subprocesses")
+    ap.add_argument("--only", action="append", choices=TIMING_GROUPS, default=None,
+                    help="time only this group (repeatable; default: all): training steps of the "
+                         "attention-only or the MLP model, or the no-grad forwards of (c)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--_mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--with-mlp", action="store_true", help=argparse.SUPPRESS)
@@ -438,7 +442,8 @@ def main() -> None:
     tokens = tokens_for()
 
     # (a) + (b): one interleaved group per config, training steps.
-    for attn_only in (True, False):
+    groups = args.only or list(TIMING_GROUPS)
+    for attn_only in [a for a, g in ((True, "attn-only"), (False, "mlp")) if g in groups]:
         label = "attn-only" if attn_only else "MLP"
         n_ours, _ = check_equivalence(attn_only)
         off = make_ours(attn_only, shift_on=False)
@@ -470,15 +475,16 @@ def main() -> None:
         del off, plain, on, variants, times
 
     # (c) time: run_with_cache vs plain forward, no_grad, our model with the shift on.
-    variants = forward_variants(make_ours(True, shift_on=True), tokens)
-    t0 = time.perf_counter()
-    times = time_side_by_side(variants, steps, repeats, warmup)
-    print(f"[forward, no_grad, shift on, attn-only: {time.perf_counter() - t0:.0f}s]")
-    rows.append(("(c) time: run_with_cache, all hooks / forward [attn-only]",
-                 ratio_stats(times, "cache_all", "forward"), GOALS["cache_all_time"]))
-    rows.append(("(c) time: run_with_cache, one hook / forward [attn-only]",
-                 ratio_stats(times, "cache_filtered", "forward"), None))
-    del variants, times
+    if "forward" in groups:
+        variants = forward_variants(make_ours(True, shift_on=True), tokens)
+        t0 = time.perf_counter()
+        times = time_side_by_side(variants, steps, repeats, warmup)
+        print(f"[forward, no_grad, shift on, attn-only: {time.perf_counter() - t0:.0f}s]")
+        rows.append(("(c) time: run_with_cache, all hooks / forward [attn-only]",
+                     ratio_stats(times, "cache_all", "forward"), GOALS["cache_all_time"]))
+        rows.append(("(c) time: run_with_cache, one hook / forward [attn-only]",
+                     ratio_stats(times, "cache_filtered", "forward"), None))
+        del variants, times
 
     # (c) memory: one fresh process per variant and repeat.
     mem_lines = []
