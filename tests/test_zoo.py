@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kvshift_lens import zoo
 from kvshift_lens.checkpoint import CheckpointError
@@ -114,8 +115,7 @@ def test_shipped_model_matches_its_card(name, repeats, val_task):
     card = zoo.model_card(name)
     model = HookedKVShiftTransformer.from_pretrained(name, device="cpu")
     assert next(model.parameters()).dtype == torch.float32
-    stored = {v.dtype for v in __import__("safetensors.torch").torch.load_file(
-        zoo.model_dir(name) / "model.safetensors").values()}
+    stored = {v.dtype for v in load_file(zoo.model_dir(name) / "model.safetensors").values()}
     assert stored == {torch.float16}
     # the same weights as zoo.load, and the tokenizer came along
     other = zoo.load(name, device="cpu")
